@@ -1,0 +1,366 @@
+"""What every SALSA stage shares: distributed setup, models, chat data, log-probs, checkpoints.
+
+SALSA (arXiv 2411.01798) is PPO whose KL reference is a model soup instead of the SFT model:
+    sft.py (x2 seeds) -> soup.py -> reward.py -> ppo.py --ref soup -> eval.py
+Each stage script imports this module and nothing else of ours. Every function here is plain
+and takes its inputs explicitly; the stage scripts hold the algorithms.
+"""
+import dataclasses
+import json
+import os
+import random
+import shutil
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+# ---------------------------------------------------------------- flags
+def arg(default, help: str):
+    """A dataclass field whose help text becomes the flag's `--help` line."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def parse_args(cls, argv=None):
+    """Build an argparse parser from a dataclass of `arg(...)` fields: `max_len` becomes `--max-len`."""
+    import argparse
+    parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind, default = hints[f.name], (f.default_factory() if callable(f.default_factory) else f.default)
+        opts = {"help": f"{f.metadata.get('help', '')} (default: {default})", "default": default}
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[X] -> X
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if kind is bool:
+            opts["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is list:
+            opts.update(nargs="*", type=typing.get_args(kind)[0])
+        else:
+            opts["type"] = kind
+        if typing.get_origin(kind) is typing.Literal:
+            opts.update(type=str, choices=typing.get_args(kind))
+        parser.add_argument("--" + f.name.replace("_", "-"), **opts)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+# ---------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_dist(seed: int) -> Dist:
+    """No-op in one process; under torchrun reads RANK/WORLD_SIZE/LOCAL_RANK (nanoGPT style).
+    Device from the environment: CUDA if present (nccl), else CPU (gloo). Seeds with seed + rank."""
+    cuda = torch.cuda.is_available()
+    d = Dist()
+    if "RANK" in os.environ:
+        d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    d.device = torch.device(f"cuda:{d.local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(d.device)
+    random.seed(seed + d.rank)
+    torch.manual_seed(seed + d.rank)
+    return d
+
+
+def log0(dist: Dist, *msg):
+    """Print on rank 0 only."""
+    if dist.main:
+        print(*msg, flush=True)
+
+
+# ---------------------------------------------------------------- models and tokenizers
+def load_tokenizer(path: str):
+    """Left-padding tokenizer with a pad token distinct from EOS.
+
+    Padding with EOS would make a padded position indistinguishable from a real stop, so when the
+    tokenizer has no pad (or pad == eos) we take its unknown token if that is distinct, else add
+    `<|pad|>` (load_model then grows the embedding)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        if tok.unk_token is not None and tok.unk_token_id != tok.eos_token_id:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": "<|pad|>"})
+    tok.padding_side = "left"
+    if tok.chat_template is None:
+        raise ValueError(f"{path}: tokenizer has no chat template; use an instruct/chat tokenizer")
+    return tok
+
+
+def load_model(path: str, tok=None, dtype: str = "float32", attn: str = "sdpa", device="cpu"):
+    """A causal LM from a local directory or hub name, dropout off (RL needs the rollout and the
+    training forward to be the same function), pad id set from the tokenizer."""
+    from transformers import AutoModelForCausalLM
+    if not (Path(path).is_dir() or "/" in path):
+        raise FileNotFoundError(f"{path}: not a local model directory nor a hub name (org/model)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn)
+    if tok is not None:
+        if len(tok) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tok))
+        model.config.pad_token_id = model.generation_config.pad_token_id = tok.pad_token_id
+    disable_dropout(model)
+    return model.to(device)
+
+
+def disable_dropout(model: torch.nn.Module):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(model.config, key):
+            setattr(model.config, key, 0.0)
+
+
+def convert_gguf(gguf_file: str, out: str):
+    """GGUF -> safetensors directory without accelerate (the offline default, SmolLM2-135M-Instruct).
+    `from_pretrained(gguf_file=...)` would mark the model quantized and refuse to save it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    folder, name = os.path.split(os.path.abspath(gguf_file))
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, gguf_file=name), dtype=torch.float32)
+    tensors = load_gguf_checkpoint(gguf_file, return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is tied to the embedding
+        raise ValueError(f"{gguf_file}: missing {missing}, unexpected {unexpected}")
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    save_atomic(out, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
+
+
+# ---------------------------------------------------------------- chat data
+ROLES = {"system", "user", "assistant"}
+
+
+def read_rows(source: str, split: str = "train") -> list[dict]:
+    """Rows from a local .json/.jsonl/.parquet file or a hub dataset name (with `split`)."""
+    if os.path.exists(source):
+        if source.endswith(".jsonl"):
+            rows = []
+            with open(source) as fh:
+                for i, line in enumerate(fh, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise ValueError(f"{source} line {i}: not valid JSON ({e})") from None
+            return rows
+        if source.endswith(".json"):
+            return json.load(open(source))
+        if source.endswith(".parquet"):
+            import datasets
+            return list(datasets.Dataset.from_parquet(source))
+        raise ValueError(f"{source}: expected .json, .jsonl or .parquet")
+    if source.count("/") != 1:
+        raise FileNotFoundError(f"{source}: no such file, and not a hub dataset name (org/name)")
+    import datasets
+    return list(datasets.load_dataset(source, split=split))
+
+
+def check_messages(messages, where: str) -> list[dict]:
+    """UltraChat-200k schema: a list of {role, content}; raise naming `where` otherwise."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: `messages` must be a non-empty list of {{role, content}}")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: message {j} must be {{'role': system|user|assistant, 'content': str}}, got {m!r:.80}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: no assistant message to learn from")
+    return messages
+
+
+def render(tok, messages: list[dict], add_generation_prompt=False) -> list[int]:
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_chat(tok, messages: list[dict], max_len: int, where: str = "row"):
+    """(input_ids, labels) with labels = -100 except on assistant tokens.
+
+    Templates rarely mark assistant spans ({% generation %}), so we render the conversation prefix
+    by prefix: the tokens an assistant message adds after its generation prompt are its own
+    (content and end-of-turn token; template text after the EOS is not learnt). Truncation rule: keep the first `max_len` tokens; a row
+    whose first assistant token falls beyond them is returned as None (the caller counts it)."""
+    ids, labels = [], []
+    for i, m in enumerate(messages):
+        before = render(tok, messages[:i], add_generation_prompt=True) if m["role"] == "assistant" else ids
+        after = render(tok, messages[: i + 1])
+        if after[: len(before)] != before or before[: len(ids)] != ids:
+            raise ValueError(f"{where}: chat template does not extend prefix by prefix at message {i}")
+        span = after[len(before):]
+        if m["role"] == "assistant" and tok.eos_token_id in span:  # nothing after the stop token is learnt
+            span = span[: span.index(tok.eos_token_id) + 1]
+        labels += [-100] * (len(before) - len(ids)) + (span if m["role"] == "assistant" else [])
+        labels += [-100] * (len(after) - len(labels))
+        ids = after
+    ids, labels = ids[:max_len], labels[:max_len]
+    return (ids, labels) if any(t != -100 for t in labels) else None
+
+
+def prompt_ids(tok, prompt, where: str = "row") -> list[int]:
+    """Token ids of a user prompt (str or messages ending with a user turn) plus the assistant header."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if not isinstance(messages, list) or not messages or messages[-1].get("role") != "user":
+        raise ValueError(f"{where}: prompt must be a string or messages ending with a user turn")
+    return render(tok, messages, add_generation_prompt=True)
+
+
+def pad(seqs: list[list[int]], pad_id: int, left: bool = True, device="cpu"):
+    """(ids, mask), each (B, T): left padding for prompts (generation appends on the right)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if left else slice(0, len(s))
+        ids[i, sl], mask[i, sl] = torch.tensor(s, dtype=torch.long), 1
+    return ids.to(device), mask.to(device)
+
+
+# ---------------------------------------------------------------- log-probs
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a padded row sees the same positions as an unpadded one."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+
+
+def hidden_states(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states (B, T, d) of the backbone, without the lm_head: callers project only the
+    positions they need, so full-vocabulary logits are never materialised over the prompt."""
+    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+    return out.last_hidden_state
+
+
+def _logp_chunk(head_w, h, targets, inv_temp: float, softcap):
+    logits = F.linear(h, head_w).float()  # (N, V)
+    if softcap:  # Gemma-2's final logit soft-capping
+        logits = torch.tanh(logits / softcap) * softcap
+    logp_all = torch.log_softmax(logits * inv_temp, dim=-1)
+    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)  # (N,)
+    return logp, entropy
+
+
+def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   max_logits: int = 2**27):
+    """log pi(target | hidden) and the policy entropy at each position, shapes (...,) like `targets`.
+
+    `hidden[..., i, :]` is the state that predicts `targets[..., i]`. Logits are divided by the
+    sampling temperature (as in the rollout), computed in fp32, and in chunks of at most
+    `max_logits` floats; under autograd each chunk is recomputed in backward (checkpointing), so a
+    256k vocabulary never holds (B*T, V) logits at once."""
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, d), (N,)
+    rows = max(1, max_logits // head.weight.shape[0])
+    parts = []
+    for i in range(0, h.shape[0], rows):
+        args = (head.weight, h[i:i + rows], t[i:i + rows], 1.0 / temperature, softcap)
+        parts.append(checkpoint(_logp_chunk, *args, use_reentrant=False) if torch.is_grad_enabled()
+                     else _logp_chunk(*args))
+    logp, ent = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return logp.view(targets.shape), ent.view(targets.shape)
+
+
+# ---------------------------------------------------------------- optimisation
+def lr_lambda(step: int, total: int, warmup: int, schedule: str = "linear") -> float:
+    """Multiplier of the peak lr: linear warmup for `warmup` steps, then linear or cosine decay to 0."""
+    import math
+    if step < warmup:
+        return (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 1 - frac) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+# ---------------------------------------------------------------- checkpoints and logs
+def save_atomic(out: str, write):
+    """Call `write(tmp_dir)`, then rename tmp_dir to `out`: a crash leaves no half directory.
+    `out` must not exist yet (callers check before any work, so a failed run overwrites nothing)."""
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(str(tmp))
+    os.replace(tmp, out)
+
+
+def save_model(out: str, model, tok, files: dict | None = None):
+    """An HF directory `transformers` loads: safetensors weights, config, tokenizer, and extra
+    json files (metrics, reward normalisation, ...) given as {name: object}."""
+    def write(tmp):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        for name, obj in (files or {}).items():
+            Path(tmp, name).write_text(json.dumps(obj, indent=1))
+    save_atomic(out, write)
+
+
+def save_checkpoint(ckpt_dir: str, step: int, model, tok, state: dict, keep: int = 2):
+    """A resumable checkpoint `ckpt_dir/step-00000123` (model + trainer state), atomic; the
+    older ones beyond `keep` are deleted only after the new one is complete."""
+    path = Path(ckpt_dir) / f"step-{step:08d}"
+    save_atomic(str(path), lambda tmp: (model.save_pretrained(tmp, safe_serialization=True), tok.save_pretrained(tmp),
+                                        torch.save(state, Path(tmp, "trainer_state.pt"))))
+    for old in sorted(Path(ckpt_dir).glob("step-*"))[:-keep]:
+        shutil.rmtree(old)
+
+
+def latest_checkpoint(ckpt_dir: str) -> str | None:
+    done = sorted(p for p in Path(ckpt_dir).glob("step-*") if (p / "trainer_state.pt").exists())
+    return str(done[-1]) if done else None
+
+
+def prepare_out(out: str, resume: bool) -> str:
+    """Check `out` before any work: the final model dir must not exist; returns the run's
+    checkpoint dir `out.ckpt` (also home of metrics.jsonl), which must be empty unless resuming."""
+    if Path(out).exists():
+        raise FileExistsError(f"{out} already exists: choose another --out or delete it")
+    ckpt = f"{out}.ckpt"
+    if not resume and latest_checkpoint(ckpt):
+        raise FileExistsError(f"{ckpt} holds checkpoints of an earlier run: pass --resume or delete it")
+    Path(ckpt).mkdir(parents=True, exist_ok=True)
+    return ckpt
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def log_jsonl(path: str, row: dict):
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["convert-gguf"] and len(sys.argv) == 4:
+        convert_gguf(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit("usage: python salsa.py convert-gguf FILE.gguf OUT_DIR")
