@@ -126,6 +126,8 @@ def disable_dropout(model: torch.nn.Module):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):  # Llama-style attention copies the config
+            m.attention_dropout = 0.0
     for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if hasattr(model.config, key):
             setattr(model.config, key, 0.0)
@@ -169,7 +171,7 @@ def read_rows(source: str, split: str = "train") -> list[dict]:
             import datasets
             return list(datasets.Dataset.from_parquet(source))
         raise ValueError(f"{source}: expected .json, .jsonl or .parquet")
-    if source.count("/") != 1:
+    if source.endswith((".json", ".jsonl", ".parquet")) or source.count("/") != 1:
         raise FileNotFoundError(f"{source}: no such file, and not a hub dataset name (org/name)")
     import datasets
     return list(datasets.load_dataset(source, split=split))
@@ -317,7 +319,8 @@ def save_checkpoint(ckpt_dir: str, step: int, model, tok, state: dict, keep: int
     path = Path(ckpt_dir) / f"step-{step:08d}"
     save_atomic(str(path), lambda tmp: (model.save_pretrained(tmp, safe_serialization=True), tok.save_pretrained(tmp),
                                         torch.save(state, Path(tmp, "trainer_state.pt"))))
-    for old in sorted(Path(ckpt_dir).glob("step-*"))[:-keep]:
+    done = sorted(p for p in Path(ckpt_dir).glob("step-*") if (p / "trainer_state.pt").exists())
+    for old in done[:-keep]:
         shutil.rmtree(old)
 
 
@@ -335,6 +338,10 @@ def prepare_out(out: str, resume: bool) -> str:
     if not resume and latest_checkpoint(ckpt):
         raise FileExistsError(f"{ckpt} holds checkpoints of an earlier run: pass --resume or delete it")
     Path(ckpt).mkdir(parents=True, exist_ok=True)
+    for stale in Path(ckpt).glob(".*.tmp*"):  # half-written saves of a crashed run
+        shutil.rmtree(stale)
+    if not resume:  # a fresh run: no metrics of a run that died before its first checkpoint
+        Path(ckpt, "metrics.jsonl").unlink(missing_ok=True)
     return ckpt
 
 
@@ -357,6 +364,35 @@ def log_jsonl(path: str, row: dict):
 
 def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in open(path) if line.strip()]
+
+
+# ---------------------------------------------------------------- reward models
+def load_reward_model(path: str, dtype: str = "float32", attn: str = "sdpa", device="cpu"):
+    """A reward model saved by reward.py: a standard AutoModelForSequenceClassification (num_labels=1)
+    directory whose config.json also carries `reward_bias`, the normalisation reward_scores subtracts.
+    Eval mode, dropout off; freezing it (requires_grad) is the caller's choice."""
+    from transformers import AutoModelForSequenceClassification
+    if not (Path(path).is_dir() or "/" in path):
+        raise FileNotFoundError(f"{path}: not a local reward-model directory nor a hub name (org/model)")
+    rm = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn)
+    if rm.config.num_labels != 1 or not isinstance(getattr(rm.config, "reward_bias", None), (int, float)):
+        raise ValueError(f"{path}: a reward model needs num_labels=1 and a numeric `reward_bias` in config.json "
+                         "(train it with reward.py, or add \"reward_bias\": 0.0 to use its raw scores)")
+    disable_dropout(rm)
+    return rm.to(device).eval()
+
+
+def reward_scores(rm, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Normalised reward (B,) in fp32: the scalar head on the last real token (the last mask == 1,
+    i.e. the EOS closing the response), minus config.reward_bias. Rows may be padded on both sides.
+
+    HF's own forward is not used: it finds the last token by comparing ids with pad_token_id (wrong
+    if a real token shares that id) and gives left-padded rows shifted positions."""
+    h = hidden_states(rm, ids, mask)  # (B, T, d)
+    last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)  # (B,)
+    h_last = h[torch.arange(h.shape[0], device=h.device), last]  # (B, d)
+    # the head in fp32, so a bf16 model's rewards are not rounded to 8 mantissa bits
+    return F.linear(h_last.float(), rm.score.weight.float()).squeeze(-1) - rm.config.reward_bias
 
 
 if __name__ == "__main__":

@@ -1,0 +1,376 @@
+"""Tests of the shared module salsa.py: each function against hand-computed values (STYLE tier b)
+or a slow, obviously-correct reference (tier c).
+
+    .venv/bin/python -m pytest -q tests/test_salsa.py
+"""
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import salsa
+
+TEMP = 0.7
+
+
+# ---------------------------------------------------------------- log-probs
+@pytest.fixture(scope="module")
+def sharp(tiny, tok):
+    """The tiny model with its final norm scaled up: at init the logits are nearly uniform
+    (std ~0.1), which would let a wrong log-prob pass any tolerance."""
+    model = salsa.load_model(tiny, tok)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(30.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def batch(tok):
+    """Real chat prompts of different lengths, each followed by random 'response' tokens."""
+    g = torch.Generator().manual_seed(0)
+    prompts = ["Hi", "Name three rivers in Europe, please.", "2+2?"]
+    return [salsa.prompt_ids(tok, p) + torch.randint(3, len(tok), (n,), generator=g).tolist()
+            for p, n in zip(prompts, (5, 2, 9))]
+
+
+def reference_logprobs(model, seq):
+    """One unpadded sequence, the textbook way: full logits, / T, log_softmax, pick the next token."""
+    ids = torch.tensor([seq])  # (1, L)
+    logp_all = torch.log_softmax(model(ids).logits[0, :-1].float() / TEMP, dim=-1)  # (L-1, V)
+    return logp_all.gather(-1, ids[0, 1:, None]).squeeze(-1), -(logp_all.exp() * logp_all).sum(-1)
+
+
+def batched_logprobs(model, tok, batch, **kw):
+    ids, mask = salsa.pad(batch, tok.pad_token_id)  # (B, T)
+    hidden = salsa.hidden_states(model, ids, mask)  # (B, T, d)
+    return salsa.token_logprobs(model, hidden[:, :-1], ids[:, 1:], temperature=TEMP, **kw)  # (B, T-1)
+
+
+def real(x, batch):
+    """The positions of a left-padded (B, T-1) tensor whose state and target are both real tokens."""
+    return [row[len(row) + 1 - len(seq):] for row, seq in zip(x, batch)]
+
+
+def test_token_logprobs_match_unpadded_reference(sharp, tok, batch):
+    with torch.no_grad():
+        logp, ent = batched_logprobs(sharp, tok, batch)
+        for got_lp, got_ent, seq in zip(real(logp, batch), real(ent, batch), batch):
+            want_lp, want_ent = reference_logprobs(sharp, seq)
+            assert want_lp.std() > 0.5  # the logits are far from uniform, so the check has teeth
+            torch.testing.assert_close(got_lp, want_lp, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got_ent, want_ent, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(logp).all() and torch.isfinite(ent).all()  # padded positions too: masks multiply them
+
+
+def test_token_logprobs_chunked_equals_one_chunk(sharp, tok, batch):
+    """Values and parameter gradients of many small checkpointed chunks equal one big chunk."""
+    vocab = sharp.get_output_embeddings().weight.shape[0]
+    n = sum(len(s) - 1 for s in batch)
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(len(s) - 1, generator=g) for s in batch]
+
+    def values_and_grads(max_logits):
+        sharp.zero_grad()
+        logp, ent = batched_logprobs(sharp, tok, batch, max_logits=max_logits)
+        loss = sum((w * lp).sum() + (w * e).sum() for w, lp, e in zip(weights, real(logp, batch), real(ent, batch)))
+        loss.backward()
+        return logp.detach(), ent.detach(), {k: p.grad.clone() for k, p in sharp.named_parameters()}
+
+    one = values_and_grads(2**27)
+    many = values_and_grads(5 * vocab)  # 5 rows per chunk
+    assert n > 10 * 5
+    torch.testing.assert_close(many[0], one[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(many[1], one[1], atol=1e-5, rtol=1e-5)
+    assert all(g.abs().sum() > 0 for g in one[2].values())  # every parameter takes part in the check
+    for k, want in one[2].items():  # summation order differs across chunks: fp32 error relative to the largest entry
+        torch.testing.assert_close(many[2][k], want, atol=1e-4 * want.abs().max().item(), rtol=1e-4, msg=k)
+    sharp.zero_grad()
+
+    with torch.no_grad():
+        for got, want in zip(batched_logprobs(sharp, tok, batch, max_logits=5 * vocab), one[:2]):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_position_ids_skip_left_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1],
+                         [1, 1, 1, 1, 1],
+                         [0, 0, 0, 0, 1],
+                         [0, 0, 0, 0, 0]])
+    assert salsa.position_ids(mask).tolist() == [[0, 0, 0, 1, 2],
+                                                  [0, 1, 2, 3, 4],
+                                                  [0, 0, 0, 0, 0],
+                                                  [0, 0, 0, 0, 0]]
+
+
+def test_pad_left_and_right():
+    ids, mask = salsa.pad([[1, 2, 3], [4], [5, 6]], pad_id=9)
+    assert ids.dtype == mask.dtype == torch.long and ids.shape == mask.shape == (3, 3)
+    assert ids.tolist() == [[1, 2, 3], [9, 9, 4], [9, 5, 6]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    ids, mask = salsa.pad([[1, 2, 3], [4], [5, 6]], pad_id=9, left=False)
+    assert ids.tolist() == [[1, 2, 3], [4, 9, 9], [5, 6, 9]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+
+
+# ---------------------------------------------------------------- optimisation
+def test_lr_lambda_by_hand():
+    # total 10, warmup 2: steps 0, 1 ramp to 1/2, 2/2; decay over the 8 steps after warmup.
+    linear = [salsa.lr_lambda(s, 10, 2) for s in range(11)]
+    assert linear == pytest.approx([0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0])
+    cosine = [salsa.lr_lambda(s, 10, 2, "cosine") for s in (0, 1, 2, 4, 6, 8, 10, 12)]
+    c = math.sqrt(2) / 4  # 0.5 * cos(pi / 4)
+    assert cosine == pytest.approx([0.5, 1.0, 1.0, 0.5 + c, 0.5, 0.5 - c, 0.0, 0.0])
+    assert salsa.lr_lambda(12, 10, 2) == 0.0  # never negative past the end
+    assert salsa.lr_lambda(0, 4, 0) == 1.0  # no warmup: start at the peak
+
+
+# ---------------------------------------------------------------- checkpoints
+@pytest.fixture(scope="module")
+def model(tiny, tok):
+    return salsa.load_model(tiny, tok)
+
+
+def steps(ckpt):
+    return sorted(p.name for p in Path(ckpt).iterdir())
+
+
+@pytest.mark.parametrize("crash_in", ["torch.save", "save_pretrained"])
+def test_crash_mid_checkpoint_keeps_previous(tmp_path, monkeypatch, model, tok, crash_in):
+    ckpt = tmp_path / "run.ckpt"
+    salsa.save_checkpoint(str(ckpt), 1, model, tok, {"step": 1})
+
+    def crash(obj, f, *a, **kw):  # torch.save(obj, f) / save_pretrained(dir): half a file, then die
+        Path(f if crash_in == "torch.save" else Path(obj, "model.safetensors")).write_bytes(b"half")
+        raise OSError("disk full")
+
+    if crash_in == "torch.save":
+        monkeypatch.setattr(torch, "save", crash)
+    else:
+        monkeypatch.setattr(model, "save_pretrained", lambda d, **kw: crash(d, None))
+    with pytest.raises(OSError, match="disk full"):
+        salsa.save_checkpoint(str(ckpt), 2, model, tok, {"step": 2}, keep=1)
+    monkeypatch.undo()
+
+    assert salsa.latest_checkpoint(str(ckpt)) == str(ckpt / "step-00000001")
+    assert [p for p in steps(ckpt) if not p.startswith(".")] == ["step-00000001"]  # the half one is hidden
+    assert torch.load(ckpt / "step-00000001" / "trainer_state.pt") == {"step": 1}
+    salsa.save_checkpoint(str(ckpt), 2, model, tok, {"step": 2}, keep=1)  # a retry succeeds over the debris
+    assert salsa.latest_checkpoint(str(ckpt)) == str(ckpt / "step-00000002")
+
+
+def test_keep_deletes_only_older(tmp_path, model, tok):
+    ckpt = tmp_path / "run.ckpt"
+    for step in (8, 9, 10):  # 10 sorts after 9 only thanks to the zero padding
+        salsa.save_checkpoint(str(ckpt), step, model, tok, {"step": step}, keep=2)
+    assert steps(ckpt) == ["step-00000009", "step-00000010"]
+    assert salsa.latest_checkpoint(str(ckpt)) == str(ckpt / "step-00000010")
+    assert torch.load(ckpt / "step-00000010" / "trainer_state.pt") == {"step": 10}
+    assert salsa.latest_checkpoint(str(tmp_path / "nothing")) is None
+
+
+def test_latest_checkpoint_skips_incomplete(tmp_path):
+    for name, files in [("step-00000001", ["model.safetensors", "trainer_state.pt"]),
+                        ("step-00000002", ["model.safetensors"]),  # no trainer state: cannot resume from it
+                        (".step-00000003.tmp123", ["model.safetensors", "trainer_state.pt"])]:  # never renamed
+        (tmp_path / name).mkdir()
+        for f in files:
+            (tmp_path / name / f).write_bytes(b"x")
+    assert salsa.latest_checkpoint(str(tmp_path)) == str(tmp_path / "step-00000001")
+
+
+def test_keep_counts_complete_checkpoints_only(tmp_path, model, tok):
+    ckpt = tmp_path / "run.ckpt"
+    salsa.save_checkpoint(str(ckpt), 1, model, tok, {"step": 1}, keep=2)
+    (ckpt / "step-00000099").mkdir()  # e.g. weights copied by hand, no trainer state: not resumable
+    salsa.save_checkpoint(str(ckpt), 2, model, tok, {"step": 2}, keep=2)
+    assert steps(ckpt) == ["step-00000001", "step-00000002", "step-00000099"]
+    assert salsa.latest_checkpoint(str(ckpt)) == str(ckpt / "step-00000002")
+
+
+def test_prepare_out(tmp_path, model, tok):
+    out = tmp_path / "sft"
+    ckpt = salsa.prepare_out(str(out), resume=False)
+    assert ckpt == f"{out}.ckpt" and Path(ckpt).is_dir() and not out.exists()
+    assert salsa.prepare_out(str(out), resume=False) == ckpt  # an empty checkpoint dir is no earlier run
+
+    salsa.save_checkpoint(ckpt, 3, model, tok, {"step": 3})
+    with pytest.raises(FileExistsError, match=r"sft\.ckpt.*--resume"):
+        salsa.prepare_out(str(out), resume=False)
+    assert salsa.prepare_out(str(out), resume=True) == ckpt
+    assert steps(ckpt) == ["step-00000003"]  # resuming touches nothing
+
+    done = tmp_path / "done"
+    done.mkdir()
+    with pytest.raises(FileExistsError, match="done already exists"):
+        salsa.prepare_out(str(done), resume=True)
+    assert not Path(f"{done}.ckpt").exists()  # refused before writing anything
+
+
+def test_save_model_loads_and_writes_json(tmp_path, model, tok):
+    out = tmp_path / "final"
+    salsa.save_model(str(out), model, tok, files={"metrics.json": {"loss": 1.5, "steps": [1, 2]}})
+    back = AutoModelForCausalLM.from_pretrained(out)
+    for (k, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert json.loads((out / "metrics.json").read_text()) == {"loss": 1.5, "steps": [1, 2]}
+    assert AutoTokenizer.from_pretrained(out).pad_token_id == tok.pad_token_id
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary dir left
+
+
+# ---------------------------------------------------------------- chat data
+def test_read_rows_local(tmp_path):
+    rows = [{"prompt": "a"}, {"prompt": "b"}]
+    (tmp_path / "ok.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    (tmp_path / "ok.json").write_text(json.dumps(rows))
+    assert salsa.read_rows(str(tmp_path / "ok.jsonl")) == rows == salsa.read_rows(str(tmp_path / "ok.json"))
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n\n{"prompt": oops}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl line 3"):
+        salsa.read_rows(str(bad))
+    (tmp_path / "rows.csv").write_text("prompt\na\n")
+    with pytest.raises(ValueError, match=r"rows\.csv: expected \.json, \.jsonl or \.parquet"):
+        salsa.read_rows(str(tmp_path / "rows.csv"))
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        salsa.read_rows(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        salsa.read_rows("missing.jsonl")
+
+
+def no_hub(*a, **kw):
+    raise ConnectionError("read_rows went to the hub")
+
+
+def test_read_rows_missing_relative_path(tmp_path, monkeypatch):
+    import datasets
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    with pytest.raises(FileNotFoundError, match="data/missing.jsonl"):
+        salsa.read_rows("data/missing.jsonl")
+
+
+@pytest.mark.parametrize("messages, error", [
+    ([{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}], "message 0"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant"}], "message 1"),
+    ([{"role": "user", "content": "hi"}], "no assistant"),
+    ([], "non-empty list"),
+])
+def test_check_messages_names_the_row(messages, error):
+    with pytest.raises(ValueError, match=rf"^train\.jsonl row 7: .*{error}"):
+        salsa.check_messages(messages, "train.jsonl row 7")
+
+
+CHAT = [{"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Tell me a joke"},
+        {"role": "assistant", "content": "No."}]
+
+
+def labelled_spans(ids, labels):
+    """Maximal runs of positions with a label, as (start, end)."""
+    spans, start = [], None
+    for i, lab in enumerate(labels + [-100]):
+        if lab != -100 and start is None:
+            start = i
+        elif lab == -100 and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def test_tokenize_chat_labels_assistant_only(tok):
+    ids, labels = salsa.tokenize_chat(tok, CHAT, max_len=1000)
+    full = tok(tok.apply_chat_template(CHAT, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert ids == full and len(labels) == len(ids)
+    spans = labelled_spans(ids, labels)
+    assert [tok.decode(ids[a:b]) for a, b in spans] == ["Hello! How can I help?<|im_end|>", "No.<|im_end|>"]
+    assert all(labels[i] == ids[i] for a, b in spans for i in range(a, b))
+    header = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    assert all(ids[a - len(header):a] == header for a, _ in spans)  # the header itself is not learnt
+
+    cut = spans[0][0] + 2  # keeps two tokens of the first answer
+    ids_cut, labels_cut = salsa.tokenize_chat(tok, CHAT, max_len=cut)
+    assert ids_cut == ids[:cut] and labels_cut == labels[:cut]
+    assert salsa.tokenize_chat(tok, CHAT, max_len=spans[0][0]) is None  # no assistant token survives
+
+
+def test_prompt_ids_end_with_assistant_header(tok):
+    header = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    ids = salsa.prompt_ids(tok, "Tell me a joke")
+    assert ids[-len(header):] == header
+    assert tok.decode(ids).endswith("<|im_start|>user\nTell me a joke<|im_end|>\n<|im_start|>assistant\n")
+    prefix = salsa.prompt_ids(tok, CHAT[:3])  # the context of the second answer, as training saw it
+    assert salsa.tokenize_chat(tok, CHAT, max_len=1000)[0][:len(prefix)] == prefix
+    with pytest.raises(ValueError, match="row 4: prompt must"):
+        salsa.prompt_ids(tok, CHAT[:2], where="row 4")
+
+
+def test_load_tokenizer_pad_is_not_eos(tok):
+    raw = AutoTokenizer.from_pretrained(tok.name_or_path)
+    assert raw.pad_token_id == raw.eos_token_id  # the premise: SmolLM2 ships pad = eos
+    assert tok.pad_token_id != tok.eos_token_id and tok.pad_token_id < len(tok)
+    assert tok.padding_side == "left"
+    assert tok.pad_token_id == raw.unk_token_id  # <|endoftext|>: already in the vocabulary, no resize
+
+
+# ---------------------------------------------------------------- flags
+@dataclass
+class Flags:
+    max_len: int = salsa.arg(2048, "tokens per example (paper A.1)")
+    lr: float = salsa.arg(2.5e-5, "peak learning rate")
+    flag: bool = salsa.arg(True, "a switch")
+    seeds: list[int] = salsa.arg([1, 2], "one SFT per seed")
+    schedule: Literal["linear", "cosine"] = salsa.arg("linear", "decay after warmup")
+    ref: str | None = salsa.arg(None, "reference model dir")
+
+
+def test_parse_args(capsys):
+    a = salsa.parse_args(Flags, [])
+    assert a == Flags() and a.seeds == [1, 2]
+    a.seeds.append(3)
+    assert Flags().seeds == [1, 2]  # list defaults are not shared
+    a = salsa.parse_args(Flags, ["--max-len", "5", "--lr", "1e-3", "--no-flag", "--seeds", "3", "4", "5",
+                                 "--schedule", "cosine", "--ref", "soup"])
+    assert a == Flags(max_len=5, lr=1e-3, flag=False, seeds=[3, 4, 5], schedule="cosine", ref="soup")
+    assert type(a.max_len) is int and salsa.parse_args(Flags, ["--flag"]).flag is True
+    with pytest.raises(SystemExit):
+        salsa.parse_args(Flags, ["--schedule", "step"])
+    with pytest.raises(SystemExit):
+        salsa.parse_args(Flags, ["--max-len", "five"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        salsa.parse_args(Flags, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps long lines
+    for h in ("tokens per example (paper A.1) (default: 2048)", "peak learning rate", "a switch",
+              "one SFT per seed (default: [1, 2])", "decay after warmup", "reference model dir",
+              "--no-flag", "{linear,cosine}", "Tests of the shared module salsa.py"):
+        assert h in text, h
+
+
+# ---------------------------------------------------------------- dropout
+def test_disable_dropout_modules():
+    cfg = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                     resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3)
+    model = GPT2LMHeadModel(cfg)
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(m.p == 0.3 for m in drops)
+    salsa.disable_dropout(model)
+    assert all(m.p == 0.0 for m in drops)
+    model.train()
+    x = torch.randint(0, 50, (2, 8))
+    torch.testing.assert_close(model(x).logits, model(x).logits, atol=0, rtol=0)
+
+
+def test_disable_dropout_attention():
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, attention_dropout=0.5)
+    model = LlamaForCausalLM(cfg)
+    salsa.disable_dropout(model)
+    model.train()  # the PPO update runs in train mode
+    x = torch.randint(0, 50, (2, 8))
+    torch.testing.assert_close(model(x).logits, model(x).logits, atol=0, rtol=0)
