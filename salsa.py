@@ -88,6 +88,13 @@ def log0(dist: Dist, *msg):
 
 
 # ---------------------------------------------------------------- models and tokenizers
+# The <|user|>/<|assistant|> format of the paper's Fig. 6 sample (zephyr's, which TRL used on UltraChat),
+# for base models that ship no template; EOS closes each assistant turn, so PPO knows when to stop.
+BASE_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+                      "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
 def load_tokenizer(path: str):
     """Left-padding tokenizer with a pad token distinct from EOS.
 
@@ -102,8 +109,8 @@ def load_tokenizer(path: str):
         else:
             tok.add_special_tokens({"pad_token": "<|pad|>"})
     tok.padding_side = "left"
-    if tok.chat_template is None:
-        raise ValueError(f"{path}: tokenizer has no chat template; use an instruct/chat tokenizer")
+    if tok.chat_template is None:  # a base model (Llama-2-7B, Mistral-7B, Gemma-2B): the paper's own format
+        tok.chat_template = BASE_CHAT_TEMPLATE
     return tok
 
 

@@ -374,3 +374,23 @@ def test_disable_dropout_attention():
     model.train()  # the PPO update runs in train mode
     x = torch.randint(0, 50, (2, 8))
     torch.testing.assert_close(model(x).logits, model(x).logits, atol=0, rtol=0)
+
+
+def test_base_model_gets_the_papers_chat_format(tmp_path, tok):
+    """A tokenizer without a chat template (base Llama-2/Mistral/Gemma) gets <|user|>/<|assistant|>
+    turns, assistant turns closed by EOS, and label masking still finds exactly the assistant spans."""
+    tok.save_pretrained(tmp_path)
+    for f in tmp_path.glob("*"):
+        if "chat_template" in f.name:
+            f.unlink()
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    base = salsa.load_tokenizer(str(tmp_path))
+    msgs = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi there!"},
+            {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Hello."}]
+    ids, labels = salsa.tokenize_chat(base, msgs, 512)
+    eos = base.eos_token
+    assert base.decode(ids) == f"<|user|>\nSay hi\n<|assistant|>\nHi there!{eos}\n<|user|>\nAgain\n<|assistant|>\nHello.{eos}\n"
+    assert base.decode([t for t in labels if t != -100]) == f"Hi there!{eos}Hello.{eos}"
+    assert base.decode(salsa.prompt_ids(base, "Hey")) == "<|user|>\nHey\n<|assistant|>\n"

@@ -1,0 +1,228 @@
+"""Reward model: Bradley-Terry on preference pairs (SALSA eq. 1), then a normalisation bias.
+
+    python reward.py --model models/SmolLM2-135M-Instruct --out runs/reward
+    torchrun --nproc_per_node 8 reward.py --model runs/sft-0 --out runs/reward
+
+The model is a standard AutoModelForSequenceClassification (num_labels=1): the SFT backbone and a new
+bias-free scalar head ~ N(0, 1/sqrt(d+1)) (Stiennon et al. 2020: rewards start at about unit scale),
+read by salsa.reward_scores at the EOS closing the response. Each side of a pair is tokenised as what
+PPO scores: prompt_ids(prompt) + response + EOS. The normalisation bias is stored in config.json as
+`reward_bias`, so one directory holds everything: the mean raw reward of --norm-samples responses of
+the initial SFT model, sampled like PPO's first rollouts (--norm-temperature = ppo.py's 0.7), so PPO
+starts at reward 0 (Ziegler et al. 2019); with --norm-samples 0, the mean over held-out chosen+rejected.
+
+Departures: pairs longer than --max-len are dropped, not truncated (a cut response has no EOS, so the
+head would learn to score text PPO never shows it); no warmup (App. A.2 names only linear decay);
+data parallel by hand (we call backbone and head ourselves, not DDP's forward); weights and AdamW
+state in --dtype (bfloat16 trains without fp32 master weights).
+"""
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import salsa
+
+
+@dataclass
+class Args:
+    model: str = salsa.arg("models/SmolLM2-135M-Instruct", "SFT model to start from (paper: init from SFT, Sec. 3.1)")
+    data: str = salsa.arg("HuggingFaceH4/ultrafeedback_binarized", "preference pairs, hub name or .json/.jsonl/"
+                          ".parquet, with `chosen` and `rejected` messages (UltraFeedback-binarized schema)")
+    split: str = salsa.arg("train_prefs", "split of a hub --data")
+    eval_data: str = salsa.arg("", "held-out pairs (file or hub name); empty: --data's --eval-split if --data is "
+                               "a hub name, else an --eval-frac holdout")
+    eval_split: str = salsa.arg("test_prefs", "split of a hub --eval-data")
+    eval_frac: float = salsa.arg(0.05, "fraction of a local --data held out when --eval-data is empty")
+    max_len: int = salsa.arg(2048, "pairs with a side longer than this many tokens are dropped (App. A.1's length)")
+    lr: float = salsa.arg(2e-5, "peak learning rate, decayed linearly to 0 (App. A.2)")
+    batch_size: int = salsa.arg(8, "pairs per optimizer step, all ranks together (App. A.2)")
+    micro_batch: int = salsa.arg(1, "pairs per forward per rank (2x rows: chosen and rejected)")
+    weight_decay: float = salsa.arg(0.001, "AdamW weight decay (App. A.2)")
+    epochs: int = salsa.arg(1, "passes over the training pairs")
+    max_steps: int = salsa.arg(0, "optimizer steps (0: --epochs worth)")
+    max_grad_norm: float = salsa.arg(1.0, "gradient clipping norm")
+    eval_every: int = salsa.arg(500, "held-out evaluation every N steps (0: only at the end)")
+    norm_samples: int = salsa.arg(64, "SFT responses whose mean raw reward becomes the bias (0: held-out pairs)")
+    norm_max_new_tokens: int = salsa.arg(64, "max new tokens of each normalisation response")
+    norm_temperature: float = salsa.arg(0.7, "sampling temperature of the normalisation responses, ppo.py's "
+                                        "--temperature (0: greedy)")
+    seed: int = salsa.arg(0, "seed of shuffling, head init and normalisation sampling")
+    dtype: Literal["float32", "bfloat16", "float16"] = salsa.arg("float32", "weights and AdamW state dtype")
+    attn: str = salsa.arg("sdpa", "attention implementation (sdpa, eager, flash_attention_2)")
+    out: str = salsa.arg("runs/reward", "output directory (must not exist)")
+
+
+def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    return -F.logsigmoid(r_chosen - r_rejected).mean()  # SALSA eq. 1: -log sigma(R(x, y_w) - R(x, y_l))
+
+
+def tokenize_pair(tok, row, where: str):
+    """(prompt, chosen, rejected) ids of a checked row; each side is the chat rendering cut right after
+    the EOS closing the final response, i.e. prompt_ids(prompt) + response + EOS."""
+    for key in ("chosen", "rejected"):
+        messages = salsa.check_messages(row.get(key) if isinstance(row, dict) else None, f"{where} `{key}`")
+        if messages[-1]["role"] != "assistant":
+            raise ValueError(f"{where}: `{key}` must end with the assistant's response")
+    if row["chosen"][:-1] != row["rejected"][:-1]:
+        raise ValueError(f"{where}: `chosen` and `rejected` must share the conversation before their last message")
+    prompt, sides = salsa.prompt_ids(tok, row["chosen"][:-1], where), []
+    for key in ("chosen", "rejected"):
+        full = salsa.render(tok, row[key])
+        if full[: len(prompt)] != prompt or tok.eos_token_id not in full[len(prompt):]:
+            raise ValueError(f"{where}: the chat template's rendering of `{key}` does not extend the prompt "
+                             f"and close the response with {tok.eos_token!r}; use a chat tokenizer that does")
+        sides.append(full[: full.index(tok.eos_token_id, len(prompt)) + 1])
+    return prompt, *sides
+
+
+def load_pairs(tok, source: str, split: str, max_len: int, dist) -> list[tuple]:
+    rows = salsa.read_rows(source, split)
+    name = source if os.path.exists(source) else f"{source}[{split}]"
+    pairs = [tokenize_pair(tok, row, f"{name} row {i}")
+             for i, row in enumerate(tqdm(rows, desc=f"tokenize {name}", disable=not dist.main))]
+    kept = [p for p in pairs if max(len(p[1]), len(p[2])) <= max_len]
+    salsa.log0(dist, f"{name}: {len(kept)} pairs, {len(pairs) - len(kept)} dropped for a side longer than "
+                     f"--max-len {max_len}")
+    if not kept:
+        raise ValueError(f"{name}: no pair fits in --max-len {max_len}; raise it")
+    return kept
+
+
+def init_reward_model(args, tok, device):
+    from transformers import AutoModelForSequenceClassification
+    rm = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, dtype=getattr(torch, args.dtype),
+                                                            attn_implementation=args.attn)
+    if len(tok) > rm.get_input_embeddings().weight.shape[0]:
+        rm.resize_token_embeddings(len(tok))
+    rm.config.pad_token_id, rm.config.reward_bias = tok.pad_token_id, 0.0
+    # the same head on every rank: a generator of its own, not the rank-offset global seed
+    torch.nn.init.normal_(rm.score.weight, std=1 / math.sqrt(rm.score.in_features + 1),
+                          generator=torch.Generator().manual_seed(args.seed))
+    salsa.disable_dropout(rm)
+    return rm.to(device)
+
+
+def generate_references(args, tok, prompts: list[list[int]], dist) -> list[tuple]:
+    """(prompt, prompt + response) pairs from the initial SFT model, responses cut after the first EOS."""
+    from transformers import GenerationConfig
+    if not prompts:
+        return []
+    policy = salsa.load_model(args.model, tok, args.dtype, args.attn, dist.device).eval()
+    # plain temperature sampling from a fresh config, as in ppo.py: no warper from generation_config.json
+    sampling = dict(do_sample=True, temperature=args.norm_temperature, top_k=0, top_p=1.0) \
+        if args.norm_temperature > 0 else {}
+    cfg = GenerationConfig(max_new_tokens=args.norm_max_new_tokens, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id, **sampling)
+    torch.manual_seed(args.seed)  # every rank draws the same samples
+    refs, rows = [], 2 * args.micro_batch
+    for i in tqdm(range(0, len(prompts), rows), desc="normalisation samples", disable=not dist.main):
+        ids, mask = salsa.pad(prompts[i:i + rows], tok.pad_token_id, left=True, device=dist.device)  # (b, P)
+        with torch.no_grad():
+            out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)  # (b, P + N)
+        for p, resp in zip(prompts[i:i + rows], out[:, ids.shape[1]:].tolist()):
+            # a response that never stops is kept whole and scored at its last token
+            refs.append((p, p + (resp[: resp.index(tok.eos_token_id) + 1] if tok.eos_token_id in resp else resp)))
+    return refs
+
+
+def pair_rewards(rm, pairs: list[tuple], device):
+    """Rewards (b,), (b,) of the chosen and rejected sides, from one forward on the 2b rows."""
+    ids, mask = salsa.pad([p[1] for p in pairs] + [p[2] for p in pairs], rm.config.pad_token_id,
+                          left=False, device=device)  # (2b, T); right padding leaves no fully masked query row
+    r = salsa.reward_scores(rm, ids, mask)  # (2b,)
+    return r[:len(pairs)], r[len(pairs):]
+
+
+def all_sum(t: torch.Tensor, dist) -> torch.Tensor:
+    if dist.world > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def evaluate(rm, pairs: list[tuple], args, dist) -> dict:
+    """Accuracy (r_w > r_l), mean margin, loss and mean reward over the held-out pairs, summed over ranks."""
+    stats, mine = torch.zeros(5, device=dist.device), pairs[dist.rank::dist.world]
+    for i in tqdm(range(0, len(mine), args.micro_batch), desc="eval", leave=False, disable=not dist.main):
+        r_w, r_l = pair_rewards(rm, mine[i:i + args.micro_batch], dist.device)
+        stats += torch.stack([(r_w > r_l).sum(), (r_w - r_l).sum(), bt_loss(r_w, r_l) * len(r_w),
+                              (r_w + r_l).sum(), torch.tensor(len(r_w), device=dist.device)]).float()
+    correct, margin, loss, reward, n = all_sum(stats, dist).tolist()
+    return {"eval/accuracy": correct / n, "eval/margin": margin / n, "eval/loss": loss / n,
+            "eval/reward_mean": reward / (2 * n), "eval/pairs": int(n)}
+
+
+def main(args: Args):
+    dist = salsa.setup_dist(args.seed)
+    if args.batch_size % (dist.world * args.micro_batch):
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of {dist.world} ranks x "
+                         f"--micro-batch {args.micro_batch}")
+    tok = salsa.load_tokenizer(args.model)
+    train = load_pairs(tok, args.data, args.split, args.max_len, dist)
+    random.Random(args.seed).shuffle(train)
+    if args.eval_data or not os.path.exists(args.data):
+        held_out = load_pairs(tok, args.eval_data or args.data, args.eval_split, args.max_len, dist)
+    else:
+        n_eval = max(1, int(len(train) * args.eval_frac))
+        held_out, train = train[:n_eval], train[n_eval:]
+    per_epoch = len(train) // args.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{args.data}: {len(train)} training pairs, fewer than one --batch-size {args.batch_size}")
+    total = args.max_steps or args.epochs * per_epoch
+    order = [i for e in range(math.ceil(total / per_epoch))
+             for i in random.Random(args.seed + e).sample(range(len(train)), per_epoch * args.batch_size)]
+    ckpt = salsa.prepare_out(args.out, resume=False)  # after every check on the data: a bad row writes nothing
+
+    refs = generate_references(args, tok, [train[i][0] for i in order[:args.norm_samples]], dist)
+    rm = init_reward_model(args, tok, dist.device)
+    opt = torch.optim.AdamW(rm.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: salsa.lr_lambda(s, total, 0))
+    bar = tqdm(range(total), desc="reward", disable=not dist.main)
+    for step in bar:
+        mine = [train[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]][dist.rank::dist.world]
+        stats = torch.zeros(3, device=dist.device)  # loss, correct, margin: summed over the batch
+        for k in range(0, len(mine), args.micro_batch):
+            r_w, r_l = pair_rewards(rm, mine[k:k + args.micro_batch], dist.device)
+            loss = bt_loss(r_w, r_l)
+            (loss * len(r_w) / args.batch_size).backward()  # summed over micro-batches and ranks: the batch mean
+            stats += torch.stack([loss.detach() * len(r_w), (r_w > r_l).sum().float(), (r_w - r_l).detach().sum()])
+        for p in rm.parameters():
+            all_sum(p.grad, dist)
+        grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), args.max_grad_norm)
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss, acc, margin = (all_sum(stats, dist) / args.batch_size).tolist()
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
+        row = {"step": step + 1, "train/loss": loss, "train/accuracy": acc, "train/margin": margin,
+               "train/grad_norm": grad_norm.item(), "train/lr": lr}
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total:
+            row |= evaluate(rm, held_out, args, dist)
+        if dist.main:
+            salsa.log_jsonl(os.path.join(ckpt, "metrics.jsonl"), row)
+
+    final = evaluate(rm, held_out, args, dist)
+    with torch.no_grad():  # rm.config.reward_bias is still 0: these are raw rewards
+        raw = [salsa.reward_scores(rm, *salsa.pad([s], tok.pad_token_id, device=dist.device)).item() for _, s in refs]
+    rm.config.reward_bias = sum(raw) / len(raw) if refs else final["eval/reward_mean"]
+    metrics = final | {"step": total, "norm/bias": rm.config.reward_bias, "train/pairs": len(train),
+                       "norm/source": f"{len(refs)} SFT samples" if refs else "held-out chosen+rejected"}
+    salsa.log0(dist, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    if dist.main:
+        samples = [{"prompt": tok.decode(p), "response": tok.decode(s[len(p):]), "ids": s,
+                    "reward": r - rm.config.reward_bias} for (p, s), r in zip(refs, raw)]
+        salsa.log_jsonl(os.path.join(ckpt, "metrics.jsonl"), metrics)
+        salsa.save_model(args.out, rm, tok, files={"metrics.json": metrics, "norm_samples.json": samples})
+    if dist.world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(salsa.parse_args(Args))

@@ -1,0 +1,149 @@
+"""reward.py and salsa's reward-model helpers: the Bradley-Terry loss by hand, the scored token under
+left and right padding, the script end to end (1 process and torchrun x2), and bad rows."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+import reward
+import salsa
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "apple river stone cloud green seven table music quiet north".split()
+
+
+def write_pairs(path, n, seed, long_every=0):
+    """Trivially separable preferences: the chosen answer says "yes yes", the rejected "no no".
+    Every `long_every`-th prompt is too long for --max-len 64 and must be dropped."""
+    g = torch.Generator().manual_seed(seed)
+    with open(path, "w") as fh:
+        for i in range(n):
+            k = 40 if long_every and i % long_every == 0 else int(torch.randint(2, 7, (1,), generator=g))
+            q = " ".join(WORDS[int(j)] for j in torch.randint(len(WORDS), (k,), generator=g)) + "?"
+            user = {"role": "user", "content": q}
+            fh.write(json.dumps({"prompt": q, "chosen": [user, {"role": "assistant", "content": "yes yes"}],
+                                 "rejected": [user, {"role": "assistant", "content": "no no"}]}) + "\n")
+    return str(path)
+
+
+def run_reward(tiny, tmp, out, *extra, nproc=1):
+    train, held = write_pairs(tmp / "train.jsonl", 70, 0, long_every=10), write_pairs(tmp / "eval.jsonl", 32, 1)
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                   f"--nproc_per_node={nproc}", "--standalone"]
+    cmd = launch + ["reward.py", "--model", tiny, "--data", train, "--eval-data", held, "--lr", "1e-3",
+                    "--batch-size", "8", "--micro-batch", "4", "--max-steps", "16",
+                    "--eval-every", "8", "--max-len", "64", "--norm-samples", "12", "--norm-max-new-tokens", "12",
+                    "--out", str(out), *extra]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res, json.loads((out / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reward")
+    res, metrics = run_reward(tiny, tmp, tmp / "rm")
+    return tmp, res, metrics
+
+
+def test_bt_loss_by_hand():
+    zero, two = torch.tensor([0.0]), torch.tensor([2.0])
+    assert reward.bt_loss(zero, zero).item() == pytest.approx(math.log(2))  # r_w = r_l: a coin flip
+    assert reward.bt_loss(two, zero).item() == pytest.approx(math.log(1 + math.exp(-2)))
+    assert reward.bt_loss(zero, two).item() == pytest.approx(math.log(1 + math.exp(2)))
+    both = reward.bt_loss(torch.tensor([0.0, 3.0]), torch.tensor([0.0, 1.0])).item()  # batch mean
+    assert both == pytest.approx((math.log(2) + math.log(1 + math.exp(-2))) / 2)
+
+
+def test_reward_scores_ignore_padding_on_both_sides(tiny, tok):
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=1).eval()
+    rm.config.reward_bias = 0.0
+    seqs = [[5, 17, 300, 42, 2], [9, 2], [1, 77, 78, 79, 80, 81, 2]]
+    with torch.no_grad():  # reference: HF's own forward on each sequence alone (no padding at all)
+        alone = torch.tensor([rm(input_ids=torch.tensor([s])).logits[0, 0].item() for s in seqs])
+        lefts, rights, T = [2, 6, 0], [1, 0, 1], 8  # pads before and after each row's real tokens
+        ids, mask = torch.full((3, T), tok.pad_token_id), torch.zeros(3, T, dtype=torch.long)  # (B, T)
+        for i, (s, l, r) in enumerate(zip(seqs, lefts, rights)):
+            assert l + len(s) + r == T
+            ids[i, l:l + len(s)], mask[i, l:l + len(s)] = torch.tensor(s), 1
+        got = salsa.reward_scores(rm, ids, mask)
+        assert got.dtype == torch.float32 and got.shape == (3,)
+        torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+        scrambled = torch.where(mask.bool(), ids, torch.randint(3, 1000, ids.shape))  # any id on a pad
+        torch.testing.assert_close(salsa.reward_scores(rm, scrambled, mask), alone, atol=1e-5, rtol=1e-5)
+        rm.config.reward_bias = 0.75
+        torch.testing.assert_close(salsa.reward_scores(rm, ids, mask), alone - 0.75, atol=1e-5, rtol=1e-5)
+
+
+def test_reward_end_to_end(trained, tok):
+    tmp, res, metrics = trained
+    assert "63 pairs, 7 dropped" in res.stdout  # 70 rows, every 10th too long for --max-len 64
+    assert metrics["eval/accuracy"] >= 0.9 and metrics["eval/loss"] < 0.2  # log 2 = 0.69 at chance
+    logged = salsa.read_jsonl(str(tmp / "rm.ckpt" / "metrics.jsonl"))
+    assert [r["step"] for r in logged[:-1]] == list(range(1, 17)) and "eval/accuracy" in logged[7]
+    assert logged[0]["train/loss"] > 0.5 and logged[-2]["train/loss"] < 0.2
+
+    rm = salsa.load_reward_model(str(tmp / "rm"))
+    assert rm.config.reward_bias == pytest.approx(metrics["norm/bias"]) and not rm.training
+    assert rm.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
+    samples = json.loads((tmp / "rm" / "norm_samples.json").read_text())
+    assert len(samples) == 12
+    with torch.no_grad():
+        scores = torch.cat([salsa.reward_scores(rm, *salsa.pad([s["ids"]], tok.pad_token_id)) for s in samples])
+    assert abs(scores.mean().item()) < 1e-4  # normalised: the SFT samples average 0
+    torch.testing.assert_close(scores, torch.tensor([s["reward"] for s in samples]), atol=1e-4, rtol=0)
+
+    hf = AutoModelForSequenceClassification.from_pretrained(str(tmp / "rm"))  # any tool can load it
+    ids = torch.tensor([samples[0]["ids"]])
+    with torch.no_grad():
+        raw = hf(input_ids=ids).logits[0, 0].item()
+    assert raw - hf.config.reward_bias == pytest.approx(scores[0].item(), abs=1e-4)
+
+
+def test_reward_two_ranks_match_one(trained, tiny):
+    """torchrun x2 (gloo) with a micro-batch per rank = 1 process with two micro-batches."""
+    tmp, _, one = trained
+    _, two = run_reward(tiny, tmp, tmp / "rm2", nproc=2)
+    for key in ("eval/loss", "eval/margin", "eval/accuracy", "norm/bias"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+
+
+def test_norm_fallback_centres_held_out_pairs(tiny, tok, tmp_path):
+    _, metrics = run_reward(tiny, tmp_path, tmp_path / "rm", "--norm-samples", "0", "--max-steps", "2")
+    assert metrics["norm/source"] == "held-out chosen+rejected"
+    assert not json.loads((tmp_path / "rm" / "norm_samples.json").read_text())
+    rm = salsa.load_reward_model(str(tmp_path / "rm"))
+    held = [reward.tokenize_pair(tok, json.loads(line), "eval") for line in open(tmp_path / "eval.jsonl")]
+    with torch.no_grad():
+        r_w, r_l = reward.pair_rewards(rm, held, "cpu")
+    assert abs(torch.cat([r_w, r_l]).mean().item()) < 1e-4
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "user", "content": "q"}]},
+     "no assistant message"),
+    ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]},
+     "`rejected` must end with the assistant"),
+    ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]},
+     "must share the conversation"),
+    ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "`rejected`"),
+])
+def test_bad_row_stops_before_any_output(tiny, tmp_path, row, message):
+    data = write_pairs(tmp_path / "bad.jsonl", 5, 0)
+    lines = open(data).read().splitlines()
+    lines[3] = json.dumps(row)
+    Path(data).write_text("\n".join(lines) + "\n")
+    out = tmp_path / "rm"
+    args = salsa.parse_args(reward.Args, ["--model", tiny, "--data", data, "--out", str(out)])
+    with pytest.raises(ValueError, match=f"bad.jsonl row 3.*{message}"):
+        reward.main(args)
+    assert not out.exists() and not Path(f"{out}.ckpt").exists()
