@@ -305,7 +305,11 @@ def save_atomic(out: str, write):
     tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(str(tmp))
+    try:
+        write(str(tmp))
+    except BaseException:  # a crash or Ctrl-C leaves neither `out` nor a half-written temp dir
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     os.replace(tmp, out)
 
 
@@ -402,8 +406,24 @@ def reward_scores(rm, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.linear(h_last.float(), rm.score.weight.float()).squeeze(-1) - rm.config.reward_bias
 
 
+def toy_preferences(chat_file: str, out: str, seed: int = 0):
+    """Preference pairs (UltraFeedback-binarized schema) from a chat file, for the offline default:
+    chosen = a conversation's own last answer, rejected = the last answer of another conversation
+    (off-topic). Trivially learnable; the recipe issue brings a judged task."""
+    rows = [check_messages(r.get("messages"), f"{chat_file} row {i}") for i, r in enumerate(read_rows(chat_file))]
+    rows = [m for m in rows if m[-1]["role"] == "assistant"]
+    other = random.Random(seed).sample(range(len(rows)), len(rows))
+    with open(out, "w") as fh:
+        for m, j in zip(rows, other):
+            if rows[j][-1]["content"] != m[-1]["content"]:
+                prompt = next(x["content"] for x in reversed(m) if x["role"] == "user")
+                fh.write(json.dumps({"prompt": prompt, "chosen": m, "rejected": m[:-1] + [rows[j][-1]]}) + "\n")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["convert-gguf"] and len(sys.argv) == 4:
         convert_gguf(sys.argv[2], sys.argv[3])
+    elif sys.argv[1:2] == ["toy-preferences"] and len(sys.argv) == 4:
+        toy_preferences(sys.argv[2], sys.argv[3])
     else:
-        sys.exit("usage: python salsa.py convert-gguf FILE.gguf OUT_DIR")
+        sys.exit("usage: python salsa.py convert-gguf FILE.gguf OUT_DIR | toy-preferences CHAT.jsonl OUT.jsonl")

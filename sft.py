@@ -44,8 +44,8 @@ class Args:
     schedule: Literal["linear", "cosine"] = salsa.arg("linear", "lr decay after warmup (the paper does not say; TRL's default is linear)")
     weight_decay: float = salsa.arg(0.0, "AdamW weight decay on every weight (the paper gives none for SFT; TRL's default is 0)")
     max_grad_norm: float = salsa.arg(1.0, "gradient-norm clipping (TRL's default)")
-    eval_every: int = salsa.arg(500, "steps between held-out losses (one more at the end)")
-    save_every: int = salsa.arg(500, "steps between resumable checkpoints in OUT.ckpt (the 2 newest are kept)")
+    eval_every: int = salsa.arg(500, "steps between held-out losses (one more at the end; 0: only then)")
+    save_every: int = salsa.arg(500, "steps between resumable checkpoints in OUT.ckpt (the 2 newest are kept; 0: none)")
     resume: bool = salsa.arg(False, "continue from the newest checkpoint in OUT.ckpt, with the same flags")
     dtype: str = salsa.arg("float32", "weight dtype; bfloat16 halves memory but AdamW then updates bf16 weights")
     attn: str = salsa.arg("sdpa", "attention implementation (paper: flash attention = flash_attention_2, needs flash-attn)")
@@ -174,12 +174,12 @@ def main(args: Args):
         row = {"step": step + 1, "train/loss": all_sum(nll, dist).item() / n_tok, "train/lr": lr,
                "train/grad_norm": grad_norm.item(),
                "train/tokens_per_s": sum(len(ids) for ids, _ in batch) / (time.time() - t0)}  # prompts included
-        if held and ((step + 1) % args.eval_every == 0 or step + 1 == total):
+        if held and (args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == total):
             row["eval/loss"] = eval_loss(model, held, args.micro_batch, tok.pad_token_id, dist)
         bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{row['train/tokens_per_s']:.0f}")
         if dist.main:
             salsa.log_jsonl(log, row)
-            if (step + 1) % args.save_every == 0 and step + 1 < total:
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
                 state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step + 1,
                          "rng": salsa.rng_state(), "flags": flags}
                 salsa.save_checkpoint(ckpt, step + 1, model, tok, state)

@@ -1,0 +1,403 @@
+"""PPO for language models with a KL penalty against a (soup) reference: SALSA, arXiv 2411.01798.
+
+    python ppo.py --ref soup --soup-models runs/sft-seed1 runs/sft-seed2 --reward runs/rm --out runs/salsa
+    python ppo.py --ref sft --model runs/sft-seed1 --reward runs/rm --out runs/ppo
+    torchrun --nproc_per_node 8 ppo.py --ref soup ...        (FSDP, see README)
+
+The objective per prompt x and sampled response y (the only thing SALSA changes is the reference):
+    --ref sft   eq. 2:  R(x,y) - β·KL(π‖π_sft)                         (plain PPO)
+    --ref soup  eq. 4:  R(x,y) - β·KL(π‖π_soup), θ_soup = Σ w_i θ_i     (eq. 3; SALSA)
+    --ref mkl   eq. 5:  R(x,y) - β/2·[KL(π‖π_ref) + KL(π‖π_other)]      (the paper's ablation)
+The policy always starts from the first SFT model (`--model`, or the first of `--soup-models`).
+
+One step, numbered like the algorithm box in `main`:
+    1 rollout  2 score  3 log-probs/values  4 per-token rewards  5 GAE  6 PPO epochs  7 KL controller
+
+Choices, and where we depart from the usual recipe:
+- Value function: a zero-initialised scalar head on the policy's last hidden states. TRL and
+  OpenRLHF train a separate critic initialised from the reward model; sharing the backbone makes
+  one forward/backward serve both losses (half the memory and compute, which is what lets a 7B
+  run fit), at the price of value gradients flowing into the policy (vf_coef 0.1 keeps them small).
+- Old log-probs come from a teacher-forced forward after sampling, not from `generate`'s scores,
+  so the first minibatch's ratio is exactly 1; logits are divided by the temperature in both.
+  Sampling is plain temperature sampling (top_k 0, top_p 1): any other warper would make the
+  sampling distribution differ from the one we score, and the KL estimate could go negative.
+- Logits are computed on response positions only (never over the prompt).
+- The reward-model score goes on the response's last real token (its EOS); a response with no
+  EOS within --max-new-tokens loses --missing-eos-penalty. Positions after EOS carry no reward,
+  no KL, no value target and no loss.
+- AdamW eps 1e-5 (OpenAI's and summarize_from_feedback_details' choice), not PyTorch's 1e-8:
+  with tiny early gradients, 1e-8 turns Adam into sign descent and the first updates are large.
+"""
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import salsa
+
+
+@dataclass
+class Args:
+    model: str = salsa.arg("", "policy init, an SFT model dir (default: the first of --soup-models)")
+    reward: str = salsa.arg("runs/rm", "reward model dir written by reward.py")
+    ref: Literal["sft", "soup", "mkl"] = salsa.arg("soup", "KL reference: sft (eq. 2), soup (eq. 4), mkl (eq. 5)")
+    soup: str = salsa.arg("", "a soup directory written by soup.py (--ref soup); else built from --soup-models")
+    soup_models: list[str] = salsa.arg([], "SFT models of the soup (--ref soup) or of the MKL penalty (--ref mkl)")
+    alpha: float = salsa.arg(0.5, "soup weight of the second model, eq. 3 (paper: 0.5 best); >2 models: uniform")
+    data: str = salsa.arg("HuggingFaceH4/ultrafeedback_binarized", "prompts: hub name or local json/jsonl/parquet")
+    split: str = salsa.arg("train_prefs", "dataset split of --data")
+    out: str = salsa.arg("runs/salsa", "output dir of the final policy (+ value head); must not exist")
+    init_kl_coef: float = salsa.arg(-1.0, "initial β; <0: the paper's 0.2 for sft/mkl and 0.01 for soup (App. A.3)")
+    adaptive_kl: bool = salsa.arg(True, "Ziegler et al. 2019 adaptive β (App. A.3 says 'initial' β)")
+    target_kl: float = salsa.arg(6.0, "adaptive controller's target KL, nats per sequence")
+    kl_horizon: int = salsa.arg(10000, "adaptive controller's horizon, in sequences")
+    kl_estimator: Literal["k1", "k3"] = salsa.arg("k1", "per-token KL: k1 = log π - log π_ref; k3 = r - 1 - log r")
+    lr: float = salsa.arg(2e-6, "learning rate (App. A.3: 2e-6 for 7B, 1e-7 for Gemma-2B), linear decay")
+    batch_size: int = salsa.arg(8, "prompts per PPO step, over all ranks (App. A.3)")
+    ppo_epochs: int = salsa.arg(2, "optimisation epochs over each batch (App. A.3)")
+    minibatches: int = salsa.arg(1, "optimizer steps per epoch; batch_size must divide evenly")
+    micro_batch: int = salsa.arg(8, "rows per forward/backward on each rank (gradient accumulation)")
+    steps: int = salsa.arg(0, "PPO steps; 0 = one pass over the prompts")
+    temperature: float = salsa.arg(0.7, "sampling temperature (rollout and scoring alike)")
+    max_new_tokens: int = salsa.arg(64, "response length limit")
+    max_prompt_len: int = salsa.arg(256, "prompts longer than this many tokens are dropped (count printed)")
+    missing_eos_penalty: float = salsa.arg(1.0, "subtracted from the score of a response with no EOS")
+    gamma: float = salsa.arg(1.0, "discount")
+    lam: float = salsa.arg(0.95, "GAE λ")
+    cliprange: float = salsa.arg(0.2, "policy ratio clip ε (Schulman 2017 eq. 7)")
+    cliprange_value: float = salsa.arg(0.2, "value clip around the rollout's values")
+    vf_coef: float = salsa.arg(0.1, "value loss coefficient")
+    whiten_rewards: bool = salsa.arg(False, "whiten per-token rewards before GAE")
+    max_grad_norm: float = salsa.arg(1.0, "gradient clipping (TRL's PPO never applies it)")
+    seed: int = salsa.arg(1, "seed of data order and sampling")
+    save_every: int = salsa.arg(50, "checkpoint every N steps (atomic; --resume continues)")
+    sample_every: int = salsa.arg(10, "print and save a table of sampled responses every N steps")
+    resume: bool = salsa.arg(False, "continue from the latest checkpoint in OUT.ckpt")
+    dtype: str = salsa.arg("float32", "weights dtype of all four models")
+    attn: str = salsa.arg("sdpa", "attention implementation (sdpa, eager, flash_attention_2)")
+
+
+class PolicyWithValue(nn.Module):
+    """The causal LM plus a scalar value head on its last hidden states (shared backbone)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        self.v_head = nn.Linear(lm.config.hidden_size, 1, dtype=lm.dtype)
+        nn.init.zeros_(self.v_head.weight)  # V = 0 at the start: no made-up value before any return is seen
+        nn.init.zeros_(self.v_head.bias)
+
+    def forward(self, ids, mask, n_prompt: int, temperature: float):
+        """log π(y_t | ...), entropy and V for each response position t, each (B, R)."""
+        h = salsa.hidden_states(self.lm, ids, mask)[:, n_prompt - 1:-1]  # (B, R, d): states that predict y_t
+        logp, entropy = salsa.token_logprobs(self.lm, h, ids[:, n_prompt:], temperature)
+        return logp, entropy, self.v_head(h).squeeze(-1).float()
+
+
+def ref_logprobs(model, ids, mask, n_prompt: int, temperature: float):
+    h = salsa.hidden_states(model, ids, mask)[:, n_prompt - 1:-1]  # (B, R, d)
+    return salsa.token_logprobs(model, h, ids[:, n_prompt:], temperature)[0]
+
+
+def kl_per_token(logp, ref_logp, estimator: str):
+    """Per-token KL(π‖π_ref) estimate from samples of π: k1 is unbiased, k3 unbiased and ≥ 0."""
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    return torch.expm1(-log_ratio) + log_ratio  # k3 = (r - 1) - log r, r = π_ref / π
+
+
+def response_mask(resp, eos_id: int):
+    """1 up to and including the first EOS, 0 after it; (B, R) -> (B, R), and whether an EOS was seen (B,)."""
+    is_eos = resp == eos_id
+    after = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    return (~after).long(), is_eos.any(-1)
+
+
+def per_token_rewards(kl, score, mask, kl_coef: float):
+    """SALSA eq. 4 as a per-token reward: -β·KL_t on every response token, plus R(x,y) on the last one."""
+    rewards = -kl_coef * kl * mask  # (B, R)
+    last = mask.sum(-1).long() - 1  # (B,) index of the EOS (or the last token when there is none)
+    return rewards.scatter_add(1, last[:, None], score[:, None].to(rewards.dtype))
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016), a reverse loop over time, batched.
+    Values after the last real token are 0: the episode ends at EOS. Returns (advantages, returns)."""
+    values, rewards = values * mask, rewards * mask
+    adv, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_v = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = delta + gamma * lam * last
+        adv[:, t] = last
+    return adv * mask, (adv + values) * mask
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum()
+
+
+def whiten(x, mask, shift_mean=True):
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask) * mask.sum() / (mask.sum() - 1).clamp(min=1)  # unbiased
+    white = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (white if shift_mean else white + mean) * mask
+
+
+def ppo_losses(logp, old_logp, values, old_values, adv, returns, mask, cliprange, cliprange_value):
+    """Clipped surrogate (Schulman 2017 eq. 7) and clipped value loss; token sums and statistics."""
+    ratio = torch.exp(logp - old_logp)
+    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange))  # PPO clip, eq. 7
+    v_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    vf = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
+    stats = {"ppo/clipfrac": ((ratio - 1).abs() > cliprange).float(), "ppo/ratio_mean": ratio,
+             "ppo/approx_kl": 0.5 * (logp - old_logp) ** 2,
+             "ppo/vf_clipfrac": ((values - returns) ** 2 < (v_clipped - returns) ** 2).float()}
+    return (pg * mask).sum(), (vf * mask).sum(), {k: (v * mask).sum().item() for k, v in stats.items()}
+
+
+def adaptive_kl(kl_coef: float, kl: float, target: float, horizon: int, n: int) -> float:
+    """Ziegler et al. 2019: e = clip(KL/target - 1, ±0.2); β ← β·(1 + e·n/horizon), KL in nats/sequence."""
+    error = min(max(kl / target - 1, -0.2), 0.2)
+    return kl_coef * (1 + error * n / horizon)
+
+
+def generation_config(tok, temperature: float, max_new_tokens: int):
+    """Plain temperature sampling and nothing else: a fresh config, so no warper from the model's
+    own generation_config.json (top_k, top_p, repetition penalty) can change what we sample."""
+    from transformers import GenerationConfig
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+
+
+@torch.no_grad()
+def rollout(lm, prompt, prompt_mask, gen_cfg, synced: bool):
+    """Sample responses to left-padded prompts (B, P); returns the sequences (B, P + R) with every
+    token after a response's first EOS replaced by pad, their mask, the response mask (B, R) and
+    whether each response stopped (B,). `synced` keeps ranks stepping until all have finished."""
+    lm.eval()
+    P = prompt.shape[1]
+    seq = lm.generate(input_ids=prompt, attention_mask=prompt_mask, generation_config=gen_cfg, synced_gpus=synced)
+    resp_mask, has_eos = response_mask(seq[:, P:], gen_cfg.eos_token_id)  # (B, R), (B,)
+    seq = torch.cat([prompt, seq[:, P:].masked_fill(resp_mask == 0, gen_cfg.pad_token_id)], 1)
+    return seq, torch.cat([prompt_mask, resp_mask], 1), resp_mask, has_eos
+
+
+def load_prompts(args, tok) -> list[list[int]]:
+    """Prompt token ids: rows with `prompt` (UltraFeedback) or `messages` (UltraChat, up to the last user turn)."""
+    prompts, too_long = [], 0
+    for i, row in enumerate(salsa.read_rows(args.data, args.split)):
+        where = f"{args.data} row {i}"
+        if "prompt" in row:
+            ids = salsa.prompt_ids(tok, row["prompt"], where)
+        else:
+            msgs = salsa.check_messages(row.get("messages"), where)
+            last_user = max(j for j, m in enumerate(msgs) if m["role"] == "user")
+            ids = salsa.prompt_ids(tok, msgs[: last_user + 1], where)
+        if len(ids) > args.max_prompt_len:
+            too_long += 1
+        else:
+            prompts.append(ids)
+    if too_long:
+        print(f"{args.data}: dropped {too_long} prompts longer than --max-prompt-len {args.max_prompt_len}")
+    if len(prompts) < args.batch_size:
+        raise ValueError(f"{args.data}: {len(prompts)} usable prompts, fewer than --batch-size {args.batch_size}")
+    return prompts
+
+
+def load_references(args, tok, device):
+    """[(model, weight)]: the frozen models whose weighted per-token KLs form the penalty."""
+    kw = dict(dtype=args.dtype, attn=args.attn, device=device)
+    if args.ref == "sft":
+        refs = [(salsa.load_model(args.model, tok, **kw), 1.0)]
+    elif args.ref == "mkl":  # eq. 5: β/2·[KL(π‖π_ref) + KL(π‖π_other)]
+        refs = [(salsa.load_model(p, tok, **kw), 1.0 / len(args.soup_models)) for p in args.soup_models]
+    elif args.soup:
+        refs = [(salsa.load_model(args.soup, tok, **kw), 1.0)]
+    else:  # eq. 3, built in memory: no soup checkpoint needed
+        from soup import load_soup
+        n = len(args.soup_models)
+        weights = [1 - args.alpha, args.alpha] if n == 2 else [1 / n] * n
+        refs = [(load_soup(args.soup_models, weights, tok, dtype=args.dtype, device=device), 1.0)]
+    for model, _ in refs:
+        model.eval().requires_grad_(False)
+    return refs
+
+
+def check_args(args):
+    if not args.model and not args.soup_models:
+        raise SystemExit("give --model (the SFT policy init) or --soup-models (the first is the policy init)")
+    args.model = args.model or args.soup_models[0]
+    if args.ref in ("soup", "mkl") and args.soup_models and args.soup_models[0] != args.model:
+        raise SystemExit(f"the policy starts from the first soup model: --model {args.model} != {args.soup_models[0]}")
+    if args.ref == "mkl" and len(args.soup_models) < 2 or args.ref == "soup" and not (args.soup or len(args.soup_models) >= 2):
+        raise SystemExit(f"--ref {args.ref} needs --soup-models A B [...]" + (" or --soup DIR" if args.ref == "soup" else ""))
+    if args.init_kl_coef < 0:
+        args.init_kl_coef = 0.01 if args.ref == "soup" else 0.2  # App. A.3 (MKL: none given; as PPO)
+    for path in [args.model, args.reward, args.soup] + args.soup_models:
+        if path and not Path(path).is_dir():
+            raise SystemExit(f"{path}: no such model directory")
+
+
+def save_policy(path, policy, tok, files=None):
+    """The policy as a plain HF directory (transformers loads it) plus value_head.safetensors."""
+    def write(tmp):
+        policy.lm.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in policy.v_head.state_dict().items()}, f"{tmp}/value_head.safetensors")
+        for name, obj in (files or {}).items():
+            Path(tmp, name).write_text(json.dumps(obj, indent=1))
+    salsa.save_atomic(path, write)
+
+
+def main(args: Args):
+    check_args(args)
+    dist = salsa.setup_dist(args.seed)
+    ckpt_dir = salsa.prepare_out(args.out, args.resume)
+    tok = salsa.load_tokenizer(args.model)
+    prompts = load_prompts(args, tok)
+    local_batch = args.batch_size // dist.world  # derived sizes, checked to divide evenly
+    mb_rows = local_batch // args.minibatches  # rows of one minibatch on this rank
+    if args.batch_size % dist.world or local_batch % args.minibatches or mb_rows % min(args.micro_batch, mb_rows):
+        raise SystemExit(f"--batch-size {args.batch_size} must split evenly over {dist.world} ranks, then into "
+                         f"--minibatches {args.minibatches}, then into --micro-batch {args.micro_batch} rows")
+    steps = args.steps or len(prompts) // args.batch_size
+
+    kw = dict(dtype=args.dtype, attn=args.attn, device=dist.device)
+    resume_from = salsa.latest_checkpoint(ckpt_dir) if args.resume else None
+    policy = PolicyWithValue(salsa.load_model(resume_from or args.model, tok, **kw)).to(dist.device)
+    refs = load_references(args, tok, dist.device)
+    rm = salsa.load_reward_model(args.reward, **kw).requires_grad_(False)
+    policy.lm.generation_config = gen_cfg = generation_config(tok, args.temperature, args.max_new_tokens)
+
+    updates = steps * args.ppo_epochs * args.minibatches
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: salsa.lr_lambda(u, updates, 0, "linear"))
+    kl_coef, start, first = args.init_kl_coef, 0, None
+    torch.manual_seed(args.seed + dist.rank)  # sampling does not depend on how many models were loaded
+    if resume_from:
+        state = torch.load(f"{resume_from}/trainer_state.pt", weights_only=False)
+        policy.v_head.load_state_dict(state["v_head"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        kl_coef, start, first = state["kl_coef"], state["step"], state["first"]
+        salsa.set_rng_state(state["rng"])
+        salsa.log0(dist, f"resumed from {resume_from} at step {start}")
+
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not dist.main, desc="ppo")
+    for step in bar:
+        # The prompts of this step: a fixed permutation per pass, so a resumed run sees the same batches.
+        n_pass, i = divmod(step * args.batch_size, len(prompts) - len(prompts) % args.batch_size)
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed * 1000 + n_pass))
+        rows = order[i + dist.rank * local_batch: i + (dist.rank + 1) * local_batch].tolist()
+        prompt, prompt_mask = salsa.pad([prompts[r] for r in rows], tok.pad_token_id, device=dist.device)  # (B, P)
+        P, t0 = prompt.shape[1], time.time()
+
+        # 1. Rollout: sample with the KV cache, then cut each response after its first EOS.
+        seq, mask, resp_mask, has_eos = rollout(policy.lm, prompt, prompt_mask, gen_cfg, dist.world > 1)
+        t1 = time.time()
+
+        with torch.no_grad():
+            # 2. Score: reward model on the last real token (EOS); penalise responses that never stop.
+            score = salsa.reward_scores(rm, seq, mask) - args.missing_eos_penalty * (~has_eos).float()  # (B,)
+            # 3. Old log-probs, values and reference log-probs, teacher-forced, temperature-scaled.
+            old_logp, entropy, old_values = policy(seq, mask, P, args.temperature)  # (B, R) each
+            kl = sum(w * kl_per_token(old_logp, ref_logprobs(m, seq, mask, P, args.temperature), args.kl_estimator)
+                     for m, w in refs)  # (B, R); mkl: the mean of the two KLs (eq. 5)
+            rmask = resp_mask.to(old_logp.dtype)
+            # 4. Per-token rewards: -β·KL_t, and the score on the EOS token.
+            rewards = per_token_rewards(kl, score, rmask, kl_coef)
+            if args.whiten_rewards:
+                rewards = whiten(rewards, rmask, shift_mean=False)
+            # 5. GAE with γ, λ; returns = A + V; advantages whitened over the batch's response tokens.
+            adv, returns = gae(rewards, old_values, rmask, args.gamma, args.lam)
+            adv = whiten(adv, rmask)
+        t2 = time.time()
+
+        # 6. PPO epochs × minibatches × micro-batches; losses are token means over each minibatch.
+        policy.train()
+        stats, n_tok = {}, 0.0
+        for _ in range(args.ppo_epochs):
+            perm = torch.randperm(local_batch, device=dist.device)
+            for mb in perm.view(args.minibatches, -1):
+                opt.zero_grad(set_to_none=True)
+                mb_tokens = rmask[mb].sum()
+                for micro in mb.view(-1, min(args.micro_batch, mb_rows)):
+                    logp, _, values = policy(seq[micro], mask[micro], P, args.temperature)
+                    pg, vf, s = ppo_losses(logp, old_logp[micro], values, old_values[micro], adv[micro],
+                                           returns[micro], rmask[micro], args.cliprange, args.cliprange_value)
+                    ((pg + args.vf_coef * vf) / mb_tokens).backward()
+                    for k, v in {**s, "ppo/policy_loss": pg.item(), "ppo/value_loss": vf.item()}.items():
+                        stats[k] = stats.get(k, 0.0) + v
+                    n_tok += rmask[micro].sum().item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                opt.step()
+                sched.step()
+        t3 = time.time()
+
+        # 7. KL controller, on the sequence KL of this batch (nats), before logging it.
+        seq_kl = (kl * rmask).sum(-1).mean().item()
+        metrics = {
+            "step": step + 1, "kl_coef": kl_coef,
+            "objective/score": score.mean().item(), "objective/kl": seq_kl,
+            "objective/non_score_reward": (-kl_coef * kl * rmask).sum(-1).mean().item(),
+            "objective/entropy": masked_mean(entropy, rmask).item(),
+            "objective/response_len": rmask.sum(-1).mean().item(),
+            "objective/no_eos_frac": (~has_eos).float().mean().item(),
+            **{k: v / n_tok for k, v in stats.items()},  # token means over all epochs and minibatches
+            "ppo/grad_norm_last": grad_norm.item(),  # the last minibatch's, before clipping
+            "val/explained_var": (1 - torch.var((returns - old_values)[rmask > 0]) / torch.var(returns[rmask > 0])).item(),
+            "lr": sched.get_last_lr()[0], "time/rollout": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2,
+        }
+        if args.adaptive_kl:
+            kl_coef = adaptive_kl(kl_coef, seq_kl, args.target_kl, args.kl_horizon, args.batch_size)
+        first = first or metrics
+        if dist.main:
+            salsa.log_jsonl(f"{ckpt_dir}/metrics.jsonl", metrics)
+            bar.set_postfix(score=f"{metrics['objective/score']:.3f}", kl=f"{seq_kl:.3f}",
+                            len=f"{metrics['objective/response_len']:.1f}")
+            alarm(metrics, first)
+            if (step + 1) % args.sample_every == 0 or step == 0:
+                samples(tok, seq, P, score, step + 1, f"{ckpt_dir}/samples.jsonl")
+        if (step + 1) % args.save_every == 0 and step + 1 < steps and dist.main:
+            state = {"v_head": policy.v_head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                     "kl_coef": kl_coef, "step": step + 1, "first": first, "rng": salsa.rng_state()}
+            salsa.save_checkpoint(ckpt_dir, step + 1, policy.lm, tok, state)
+    if dist.main:
+        save_policy(args.out, policy, tok, files={"metrics.json": salsa.read_jsonl(f"{ckpt_dir}/metrics.jsonl")[-1],
+                                                  "args.json": vars(args)})
+        print(f"saved {args.out}")
+
+
+def alarm(m, first):
+    """The paper's App. A.4 failure modes: the KL-hack (responses shrink to zero length, so the KL
+    to a soup reference vanishes) and gibberish (small β: entropy blows up)."""
+    if m["objective/response_len"] < 0.25 * first["objective/response_len"]:
+        tqdm.write(f"step {m['step']}: WARNING mean response length {m['objective/response_len']:.1f} fell below a "
+                   f"quarter of its start ({first['objective/response_len']:.1f}): KL-hack? (App. A.4; lower β)")
+    if m["objective/entropy"] > 2 * first["objective/entropy"]:
+        tqdm.write(f"step {m['step']}: WARNING entropy {m['objective/entropy']:.2f} is over twice its start "
+                   f"({first['objective/entropy']:.2f}): gibberish? (App. A.4; raise β)")
+
+
+def samples(tok, seq, P, score, step, path, n=4):
+    """A small table of sampled responses, printed and appended to samples.jsonl."""
+    rows = [{"step": step, "prompt": tok.decode(seq[i, :P], skip_special_tokens=True)[-200:],
+             "response": tok.decode(seq[i, P:], skip_special_tokens=True), "score": round(score[i].item(), 3)}
+            for i in range(min(n, seq.shape[0]))]
+    tqdm.write(f"--- samples at step {step} (score | response)")
+    for r in rows:
+        tqdm.write(f"{r['score']:+.3f} | {r['response'][:160]!r}")
+        salsa.log_jsonl(path, r)
+
+
+if __name__ == "__main__":
+    main(salsa.parse_args(Args))

@@ -1,0 +1,298 @@
+"""Model soup, SALSA eq. 3: theta_soup = sum_i w_i theta_i over SFT models fine-tuned from one base.
+
+    python soup.py --models out/sft-s1 out/sft-s2 --out out/soup                 # alpha = 0.5, the paper's best
+    python soup.py --models out/sft-s1 out/sft-s2 --alpha 0.3 --out out/soup-a3  # (1-alpha) theta_ref + alpha theta_other
+    python soup.py --models A B C --out out/soup3                                # uniform, SALSA-3 (Fig. 5)
+    python soup.py --models A B C --greedy --eval-data heldout.jsonl --out out/soup-greedy
+
+No torchrun form: a soup is one pass over the weights, bound by the disk. Each tensor is read in chunks
+of rows from every ingredient's (sharded) safetensors and written straight into the output shard, so
+memory stays at a few chunks whatever the model size; config and tokenizer come from the first model.
+`soup_state_dicts` and `load_soup` do the same arithmetic in memory (ppo.py, eval.py's reward plane).
+The greedy soup (Wortsman et al. 2022) is ours: the paper uses the uniform one.
+"""
+import json
+import math
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+import salsa
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+          "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+# Elements per chunk: 4 MB in fp32 stays in cache through the cast, multiply and add; 2**22 made the
+# 1.5B benchmark (README) 30% slower, from page faults on the larger buffers.
+CHUNK = 2**20
+# Copied verbatim from the first model: re-saving a tokenizer through transformers can rewrite it (a
+# Qwen2 config turns a generic tokenizer.json into Qwen2's normaliser and pre-tokenizer).
+COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+          "chat_template.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+@dataclass
+class Args:
+    models: list[str] = salsa.arg([], "ingredient model directories, fine-tuned from one base; the first is theta_ref (eq. 3)")
+    out: str = salsa.arg("", "output model directory; must not exist")
+    alpha: Optional[float] = salsa.arg(None, "two models: (1-alpha) theta_ref + alpha theta_other; unset = uniform = 0.5, the paper's best (Fig. 2a/b)")
+    weights: list[float] = salsa.arg([], "explicit weights, one per model, summing to 1")
+    extrapolate: bool = salsa.arg(False, "allow weights outside [0, 1] (the plane of Fig. 2c extends past the triangle)")
+    greedy: bool = salsa.arg(False, "greedy soup (Wortsman et al. 2022) scored by held-out SFT loss on --eval-data")
+    eval_data: str = salsa.arg("", "greedy: held-out chat rows with `messages` (.json/.jsonl/.parquet or hub name)")
+    eval_rows: int = salsa.arg(256, "greedy: number of held-out rows scored")
+    max_len: int = salsa.arg(2048, "greedy: max tokens per row (paper App. A.1)")
+    batch_size: int = salsa.arg(8, "greedy: rows per forward (paper App. A.1)")
+    shard_size: int = salsa.arg(2000, "largest output shard in MB; more shards get model.safetensors.index.json")
+
+
+# ---------------------------------------------------------------- ingredients
+def read_layout(path: str) -> dict[str, tuple[str, str, list[int]]]:
+    """{tensor: (file, safetensors dtype, shape)} of an HF model directory, one file or sharded."""
+    p, index = Path(path), Path(path, "model.safetensors.index.json")
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    layout = {}
+    for name in names:
+        with safe_open(p / name, "pt") as f:
+            for key in f.keys():
+                s = f.get_slice(key)
+                if s.get_dtype() not in DTYPES:
+                    raise ValueError(f"{p / name}: tensor {key} has dtype {s.get_dtype()}, which soup.py cannot read")
+                layout[key] = (str(p / name), s.get_dtype(), s.get_shape())
+    return layout
+
+
+def read_tensor(file: str, key: str, rows: slice | None = None) -> torch.Tensor:
+    # safe_open maps the whole file and the pages it touches stay resident while the mapping lives;
+    # opening it per chunk keeps memory at one chunk per ingredient instead of the whole model.
+    with safe_open(file, "pt") as f:
+        return f.get_tensor(key) if rows is None else f.get_slice(key)[rows]
+
+
+def check_same(specs: list[dict], names: list[str]):
+    """Raise, naming the tensor and both values, unless every ingredient has the first one's tensors
+    with the same (dtype, shape)."""
+    for spec, name in zip(specs[1:], names[1:]):
+        for key in sorted(specs[0].keys() ^ spec.keys()):
+            has, lacks = (names[0], name) if key in specs[0] else (name, names[0])
+            raise ValueError(f"{lacks}: tensor {key} is missing ({has} has it): soup models of one architecture")
+        for key, (dtype, shape) in specs[0].items():
+            for what, mine, theirs in (("shape", spec[key][1], shape), ("dtype", spec[key][0], dtype)):
+                if mine != theirs:
+                    raise ValueError(f"{name}: tensor {key} has {what} {mine}, {names[0]} has {theirs}: "
+                                     "soup models fine-tuned from one base, saved in one dtype")
+
+
+def check_ingredients(paths: list[str]) -> list[dict]:
+    """The layouts of all ingredients, after refusing any whose tensors, vocabularies or non-float
+    buffers differ from the first's. Reads only headers, configs, tokenizers and buffers."""
+    from transformers import AutoTokenizer
+    layouts = [read_layout(p) for p in paths]
+    check_same([{k: v[1:] for k, v in layout.items()} for layout in layouts], paths)
+    vocabs = [(json.loads(Path(p, "config.json").read_text())["vocab_size"], len(AutoTokenizer.from_pretrained(p)))
+              for p in paths]
+    for p, vocab in zip(paths[1:], vocabs[1:]):
+        if vocab != vocabs[0]:
+            raise ValueError(f"{p}: (config vocab_size, tokenizer length) = {vocab}, {paths[0]} has {vocabs[0]}: "
+                             "soup models with one vocabulary")
+    for key, (file, dtype, _) in layouts[0].items():
+        if not DTYPES[dtype].is_floating_point:
+            first = read_tensor(file, key)
+            for p, layout in zip(paths[1:], layouts[1:]):
+                if not torch.equal(first, read_tensor(layout[key][0], key)):
+                    raise ValueError(f"{p}: buffer {key} differs from {paths[0]}'s; non-float tensors are copied, not averaged")
+    return layouts
+
+
+def soup_weights(args: Args) -> list[float]:
+    """alpha (eq. 3), explicit weights, or uniform (SALSA-n); refused unless they sum to 1."""
+    n, alpha = len(args.models), args.alpha is not None
+    if n < 2 or len({os.path.realpath(p) for p in args.models}) < n:
+        raise ValueError(f"--models {' '.join(args.models)}: give at least two different models (a soup of one is a copy)")
+    if alpha + bool(args.weights) + args.greedy > 1 or (alpha and n != 2) or len(args.weights) not in (0, n):
+        raise ValueError("give at most one of --alpha (two models), --weights (one per model), --greedy")
+    weights = [1 - args.alpha, args.alpha] if alpha else list(args.weights) or [1 / n] * n
+    if not all(math.isfinite(w) for w in weights) or abs(sum(weights) - 1) > 1e-6:
+        raise ValueError(f"weights {weights} must be finite and sum to 1 (a soup is a weighted average)")
+    if not args.extrapolate and not all(0 <= w <= 1 for w in weights):
+        raise ValueError(f"weights {weights} leave [0, 1]: pass --extrapolate to go outside the simplex")
+    return weights
+
+
+# ---------------------------------------------------------------- arithmetic
+def average(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """sum_i w_i t_i accumulated in fp32 in ingredient order, returned in the inputs' dtype.
+
+    Multiply, round, then add, like the obvious `(1-a)*x.float() + a*y.float()`, which this equals bit
+    for bit. mergekit's linear merge instead fuses `acc.addcmul_(t_i, w_i)` and divides by sum(w): it
+    differs from ours by 1 fp32 ulp in many elements at alpha != 0.5 and agrees at uniform weights."""
+    acc = weights[0] * tensors[0].float()
+    for w, t in zip(weights[1:], tensors[1:]):
+        acc += w * t.float()
+    return acc.to(tensors[0].dtype)
+
+
+def soup_state_dicts(state_dicts: list[dict], weights: list[float]) -> dict:
+    """In-memory soup, same arithmetic as the streamed one. Any finite weights are accepted (eval.py's
+    reward plane goes outside the triangle); non-float tensors must be equal and are copied."""
+    if len(state_dicts) != len(weights) or not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"need one finite weight per state dict, got {weights} for {len(state_dicts)}")
+    names = [f"state dict {i}" for i in range(len(state_dicts))]
+    check_same([{k: (t.dtype, list(t.shape)) for k, t in sd.items()} for sd in state_dicts], names)
+    soup = {}
+    for key, t in state_dicts[0].items():
+        ts = [sd[key] for sd in state_dicts]
+        if not t.is_floating_point() and not all(torch.equal(t, x) for x in ts):
+            raise ValueError(f"buffer {key} differs between state dicts; non-float tensors are copied, not averaged")
+        soup[key] = average(ts, weights) if t.is_floating_point() else t.clone()
+    return soup
+
+
+def load_soup(paths: list[str], weights: list[float], tok=None, dtype: str = "float32", device="cpu"):
+    """The soup of `paths` as a model, without writing it: loads the first with salsa.load_model and
+    replaces its weights by the soup (computed in the files' dtype, as soup.py would write it)."""
+    layouts = check_ingredients(paths)
+    soup = soup_state_dicts([{k: read_tensor(f, k) for k, (f, _, _) in layout.items()} for layout in layouts], weights)
+    model = salsa.load_model(paths[0], tok, dtype=dtype, device=device)
+    missing, unexpected = model.load_state_dict(soup, strict=False)
+    params = model.state_dict()
+    loaded = {params[k].data_ptr() for k in soup}
+    if unexpected or any(params[k].data_ptr() not in loaded for k in missing):  # tied lm_head is fine
+        raise ValueError(f"{paths[0]}: soup tensors do not match the model: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+# ---------------------------------------------------------------- streaming
+def nbytes(spec: tuple) -> int:
+    _, dtype, shape = spec
+    return math.prod(shape) * DTYPES[dtype].itemsize
+
+
+def soup_chunks(key: str, layouts: list[dict], weights: list[float]):
+    """The soup of tensor `key`, chunk of rows by chunk of rows, in the inputs' dtype."""
+    _, dtype, shape = layouts[0][key]
+    step = max(1, CHUNK // max(1, math.prod(shape[1:])))
+    for rows in [slice(a, a + step) for a in range(0, shape[0], step)] if shape else [None]:
+        parts = [read_tensor(layout[key][0], key, rows) for layout in layouts]
+        yield average(parts, weights) if DTYPES[dtype].is_floating_point else parts[0]  # buffers: checked equal
+
+
+def write_shard(file: str, keys: list[str], layouts: list[dict], weights: list[float], bar):
+    """One safetensors file written as the soup is computed. safetensors' save_file would need the whole
+    shard in memory; the format is an 8-byte header length, a JSON header (padded to 8 bytes) giving each
+    tensor's dtype, shape and byte range, then the raw bytes, so the header is known from the inputs'."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key in keys:
+        _, dtype, shape = layouts[0][key]
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes(layouts[0][key])]}
+        offset += nbytes(layouts[0][key])
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(file, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)) + blob)
+        for key in keys:
+            for chunk in soup_chunks(key, layouts, weights):
+                fh.write(chunk.contiguous().reshape(-1).view(torch.uint8).numpy())
+            bar.update()
+    return offset
+
+
+def stream_soup(paths: list[str], weights: list[float], out: str, shard_size: int = 2 * 10**9):
+    """Write the soup of `paths` to `out` (atomically): shards, index, config and tokenizer of paths[0]."""
+    if Path(out).exists():
+        raise FileExistsError(f"{out} already exists: choose another --out or delete it")
+    layouts = check_ingredients(paths)
+    keys, shards = sorted(layouts[0]), [[]]
+    for key in keys:
+        if shards[-1] and sum(nbytes(layouts[0][k]) for k in shards[-1] + [key]) > shard_size:
+            shards.append([])
+        shards[-1].append(key)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+
+    def write(tmp):
+        with tqdm(total=len(keys), desc="soup", unit="tensor") as bar:
+            total = sum(write_shard(os.path.join(tmp, name), shard, layouts, weights, bar)
+                        for name, shard in zip(names, shards))
+        if len(shards) > 1:
+            weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+            Path(tmp, "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        for name in COPIED:
+            if Path(paths[0], name).exists():
+                shutil.copy(Path(paths[0], name), tmp)
+        Path(tmp, "soup.json").write_text(json.dumps({"models": paths, "weights": weights}, indent=1))
+    salsa.save_atomic(out, write)
+
+
+# ---------------------------------------------------------------- greedy soup
+def heldout_batches(tok, source: str, rows: int, max_len: int, batch_size: int) -> list:
+    """(ids, mask, labels) batches, each (B, T), of the first `rows` held-out chat rows."""
+    examples = [salsa.tokenize_chat(tok, salsa.check_messages(row.get("messages"), f"{source} row {i}"), max_len)
+                for i, row in enumerate(salsa.read_rows(source)[:rows])]
+    examples = [e for e in examples if e is not None]  # rows whose answer starts beyond max_len
+    if not examples:
+        raise ValueError(f"{source}: no row with an assistant token within --max-len {max_len}")
+    batches = []
+    for i in range(0, len(examples), batch_size):
+        ids, mask = salsa.pad([e[0] for e in examples[i:i + batch_size]], tok.pad_token_id)
+        labels, _ = salsa.pad([e[1] for e in examples[i:i + batch_size]], -100)
+        batches.append((ids, mask, labels))
+    return batches
+
+
+@torch.no_grad()
+def sft_loss(model, batches) -> float:
+    """Held-out SFT loss: mean negative log-likelihood per assistant token."""
+    total, count = 0.0, 0
+    for ids, mask, labels in batches:
+        hidden = salsa.hidden_states(model, ids, mask)  # (B, T, d)
+        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+        logp, _ = salsa.token_logprobs(model, hidden[:, :-1], targets.clamp(min=0))
+        total -= logp[targets != -100].sum().item()
+        count += (targets != -100).sum().item()
+    return total / count
+
+
+def greedy_soup(paths: list[str], score) -> list[int]:
+    """Indices of the ingredients kept, best first: sort by score(paths, weights) (lower is better),
+    then add each to the uniform soup only if the soup's score improves."""
+    alone = [score([p], [1.0]) for p in tqdm(paths, desc="greedy: ingredients")]
+    order = sorted(range(len(paths)), key=alone.__getitem__)
+    kept, best = order[:1], alone[order[0]]
+    for i in tqdm(order[1:], desc="greedy: soups"):
+        trial = kept + [i]
+        s = score([paths[j] for j in trial], [1 / len(trial)] * len(trial))
+        print(f"greedy: {paths[i]} alone {alone[i]:.4f}, soup with it {s:.4f} vs {best:.4f}: {'keep' if s < best else 'drop'}")
+        if s < best:
+            kept, best = trial, s
+    return kept
+
+
+def main(args: Args):
+    if not args.out or Path(args.out).exists():  # checked before the greedy search too
+        raise FileExistsError(f"--out {args.out!r}: give a directory that does not exist yet")
+    weights, paths = soup_weights(args), args.models
+    if args.greedy:
+        if not args.eval_data:
+            raise ValueError("--greedy scores the ingredients on --eval-data: give a held-out chat file")
+        tok = salsa.load_tokenizer(paths[0])
+        batches = heldout_batches(tok, args.eval_data, args.eval_rows, args.max_len, args.batch_size)
+        kept = greedy_soup(paths, lambda ps, ws: sft_loss(load_soup(ps, ws, tok), batches))
+        paths, weights = [paths[i] for i in kept], [1 / len(kept)] * len(kept)
+    print("soup = " + " + ".join(f"{w:g} * {p}" for w, p in zip(weights, paths)))
+    # Averaging cache-sized chunks is bound by memory, not arithmetic: a second thread gains nothing, and
+    # on a busy machine its OpenMP spin-waits made the 1.5B soup 2-3x slower.
+    torch.set_num_threads(1)
+    stream_soup(paths, weights, args.out, args.shard_size * 10**6)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main(salsa.parse_args(Args))

@@ -1,0 +1,176 @@
+"""ppo.py end to end and its invariants, on tiny random-init models (STYLE tiers a, c, d)."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import ppo
+import salsa
+from conftest import ROOT, make_tiny
+
+PROMPTS = ["Say yes or no.", "Is the sky blue?", "Answer with one word: are cats animals?", "Do fish swim?",
+           "Yes or no: is water wet?", "Is two more than one?", "Reply yes or no, please, right now.", "Ok?"]
+
+
+def run(script, *args, check=True):
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    if check and proc.returncode:
+        raise AssertionError(f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def write_jsonl(path, rows):
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tok):
+    """Two 'SFT' models (different random inits), a reward model with a random head, prompts."""
+    d = tmp_path_factory.mktemp("ppo")
+    a, b = make_tiny(d / "sft_a", tok, seed=1), make_tiny(d / "sft_b", tok, seed=2)
+    torch.manual_seed(3)
+    rm = AutoModelForSequenceClassification.from_pretrained(a, num_labels=1)
+    rm.config.pad_token_id, rm.config.reward_bias = tok.pad_token_id, 0.0
+    rm.save_pretrained(d / "rm")
+    tok.save_pretrained(d / "rm")
+    prompts = write_jsonl(d / "prompts.jsonl", [{"prompt": p} for p in PROMPTS * 2])
+    return {"a": a, "b": b, "rm": str(d / "rm"), "prompts": prompts, "dir": d}
+
+
+def ppo_args(s, out, *extra):
+    return ["--reward", s["rm"], "--data", s["prompts"], "--out", out, "--batch-size", 4, "--micro-batch", 2,
+            "--max-new-tokens", 6, "--lr", 1e-4, "--save-every", 2, "--sample-every", 100, *extra]
+
+
+def first_row(out):
+    return salsa.read_jsonl(f"{out}.ckpt/metrics.jsonl")[0]
+
+
+def test_first_minibatch_ratio_is_exactly_one(setup, tok):
+    """Teacher-forced old log-probs on a left-padded batch of different prompt lengths equal the
+    training forward's on micro-batches of it: the first ratio is exactly 1."""
+    policy = ppo.PolicyWithValue(salsa.load_model(setup["a"], tok))
+    prompt, pmask = salsa.pad([salsa.prompt_ids(tok, p) for p in PROMPTS[:4]], tok.pad_token_id)
+    assert len(set(pmask.sum(-1).tolist())) > 1  # really different lengths
+    cfg = ppo.generation_config(tok, 0.7, 8)
+    seq, mask, rmask, _ = ppo.rollout(policy.lm, prompt, pmask, cfg, False)
+    P = prompt.shape[1]
+    with torch.no_grad():
+        old_logp, _, old_v = policy(seq, mask, P, 0.7)
+    policy.train()
+    for micro in (torch.tensor([2, 0]), torch.tensor([3, 1])):
+        logp, _, v = policy(seq[micro], mask[micro], P, 0.7)
+        ratio = torch.exp(logp - old_logp[micro])
+        assert torch.equal(ratio[rmask[micro] > 0], torch.ones_like(ratio[rmask[micro] > 0]))
+        assert torch.equal(v, old_v[micro])
+
+
+def test_sampling_matches_scoring_distribution(setup, tok):
+    """generate's processed scores are exactly temperature-scaled logits: no hidden top-k/top-p,
+    so E[k1] is a true KL and log-probs we score are those we sampled from."""
+    lm = salsa.load_model(setup["a"], tok)
+    lm.generation_config.top_k, lm.generation_config.top_p = 5, 0.5  # a model config that would bias sampling
+    prompt, pmask = salsa.pad([salsa.prompt_ids(tok, p) for p in PROMPTS[:3]], tok.pad_token_id)
+    cfg = ppo.generation_config(tok, 0.7, 5)
+    lm.generation_config = cfg
+    out = lm.generate(input_ids=prompt, attention_mask=pmask, generation_config=cfg, output_scores=True,
+                      return_dict_in_generate=True)
+    P = prompt.shape[1]
+    seq = out.sequences
+    mask = torch.cat([pmask, torch.ones_like(seq[:, P:])], 1)
+    with torch.no_grad():
+        h = salsa.hidden_states(lm, seq, mask)[:, P - 1:-1]
+        logp, _ = salsa.token_logprobs(lm, h, seq[:, P:], 0.7)
+    sampled = torch.stack([torch.log_softmax(s, -1).gather(-1, seq[:, P + t, None]).squeeze(-1)
+                           for t, s in enumerate(out.scores)], 1)
+    alive = (seq[:, P:] != tok.pad_token_id)
+    assert torch.allclose(logp[alive], sampled[alive], atol=1e-4)
+    assert torch.isfinite(torch.stack(out.scores)).all()  # no -inf from a top-k/top-p filter
+
+
+def test_kl_is_zero_for_sft_and_positive_for_soup_and_mkl_is_the_mean(setup):
+    d = setup["dir"]
+    run("ppo.py", *ppo_args(setup, d / "k_sft", "--ref", "sft", "--model", setup["a"], "--steps", 1))
+    run("ppo.py", *ppo_args(setup, d / "k_soup", "--ref", "soup", "--soup-models", setup["a"], setup["b"], "--steps", 1))
+    run("ppo.py", *ppo_args(setup, d / "k_other", "--ref", "soup", "--model", setup["a"], "--soup", setup["b"],
+                            "--steps", 1))
+    run("ppo.py", *ppo_args(setup, d / "k_mkl", "--ref", "mkl", "--soup-models", setup["a"], setup["b"], "--steps", 1))
+    sft, soup, other, mkl = (first_row(d / n) for n in ("k_sft", "k_soup", "k_other", "k_mkl"))
+    assert sft["objective/kl"] == 0.0
+    assert soup["objective/kl"] > 0.0
+    assert sft["objective/response_len"] == soup["objective/response_len"]  # same seed, same samples
+    # eq. 5: 1/2·KL(π‖π_a) + 1/2·KL(π‖π_b), and KL(π‖π_a) = 0 at step 0 since π = π_a
+    assert mkl["objective/kl"] == pytest.approx(0.5 * other["objective/kl"], rel=1e-5)
+    for n in ("k_sft", "k_soup"):  # the final policy loads with transformers, the value head beside it
+        assert isinstance(AutoModelForCausalLM.from_pretrained(d / n), torch.nn.Module)
+        assert (d / n / "value_head.safetensors").exists()
+
+
+def test_bad_arguments_stop_before_any_output(setup):
+    d = setup["dir"]
+    p = run("ppo.py", *ppo_args(setup, d / "bad1", "--ref", "soup", "--soup-models", setup["a"]), check=False)
+    assert p.returncode and "--soup-models" in p.stderr and not (d / "bad1.ckpt").exists()
+    p = run("ppo.py", *ppo_args(setup, d / "bad2", "--ref", "sft", "--model", d / "nope"), check=False)
+    assert p.returncode and "nope" in p.stderr and not (d / "bad2.ckpt").exists()
+    p = run("ppo.py", *ppo_args(setup, d / "bad3", "--ref", "sft", "--model", setup["a"], "--batch-size", 3),
+            check=False)
+    assert p.returncode and "--batch-size" in p.stderr
+
+
+def test_resume_after_kill_gives_identical_metrics(setup):
+    d = setup["dir"]
+    extra = ("--ref", "soup", "--soup-models", setup["a"], setup["b"], "--steps", 6)
+    run("ppo.py", *ppo_args(setup, d / "full", *extra))
+    cut = ppo_args(setup, d / "cut", *extra)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "ppo.py"), *map(str, cut)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not list((d / "cut.ckpt").glob("step-*/trainer_state.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert not (d / "cut").exists(), "the run finished before it could be killed"
+    run("ppo.py", *cut, "--resume")
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    full_rows = {r["step"]: r for r in strip(salsa.read_jsonl(d / "full.ckpt" / "metrics.jsonl"))}
+    cut_rows = strip(salsa.read_jsonl(d / "cut.ckpt" / "metrics.jsonl"))  # steps 1..k, then resumed ckpt+1..6
+    assert sorted(full_rows) == sorted({r["step"] for r in cut_rows}) == list(range(1, 7))
+    assert all(r == full_rows[r["step"]] for r in cut_rows)  # every logged number identical
+    wa, wb = (AutoModelForCausalLM.from_pretrained(d / n).state_dict() for n in ("full", "cut"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_learns_a_trivial_preference(setup, tok):
+    """SFT a tiny model to answer 'yes' or 'no', train a reward model that prefers 'yes' (over 'no'
+    and over an empty answer), then PPO: the score rises and the KL to the SFT grows from 0."""
+    d = setup["dir"] / "learn"
+    d.mkdir()
+    qs = [f"Question {i}: is {w} good?" for i, w in enumerate(["tea", "rain", "sun", "code", "art", "math", "food",
+                                                                "music", "sleep", "work", "play", "snow"] * 4)]
+    user = lambda q: [{"role": "user", "content": q}]
+    say = lambda a: [{"role": "assistant", "content": a}]
+    sft_rows = [{"messages": user(q) + say("yes" if i % 2 else "no")} for i, q in enumerate(qs)]
+    prefs = [{"prompt": q, "chosen": user(q) + say("yes"), "rejected": user(q) + say("no" if i % 2 else "")}
+             for i, q in enumerate(qs)]
+    run("sft.py", "--model", setup["a"], "--data", write_jsonl(d / "sft.jsonl", sft_rows), "--out", d / "sft",
+        "--lr", 2e-2, "--batch-size", 8, "--max-len", 64, "--max-steps", 60, "--eval-every", 0, "--warmup-ratio", 0)
+    run("reward.py", "--model", d / "sft", "--data", write_jsonl(d / "prefs.jsonl", prefs), "--out", d / "rm",
+        "--lr", 1e-2, "--batch-size", 8, "--micro-batch", 8, "--max-len", 64, "--max-steps", 30,
+        "--norm-samples", 16, "--norm-max-new-tokens", 4)
+    run("ppo.py", "--ref", "sft", "--model", d / "sft", "--reward", d / "rm", "--out", d / "ppo",
+        "--data", write_jsonl(d / "prompts.jsonl", [{"prompt": q} for q in qs]), "--batch-size", 8,
+        "--max-new-tokens", 4, "--steps", 30, "--lr", 1e-3, "--temperature", 1.0, "--save-every", 100)
+    rows = salsa.read_jsonl(d / "ppo.ckpt" / "metrics.jsonl")
+    score, kl = [r["objective/score"] for r in rows], [r["objective/kl"] for r in rows]
+    assert kl[0] == 0.0
+    assert sum(score[-5:]) / 5 > sum(score[:5]) / 5 + 0.5, score
+    assert sum(kl[-5:]) / 5 > 0.2, kl
+    last = [s["response"] for s in salsa.read_jsonl(d / "ppo.ckpt" / "samples.jsonl") if s["step"] == 30]
+    assert last.count("yes") >= 3, last

@@ -1,0 +1,113 @@
+"""PPO math against hand-computed values and slow, obviously-correct references (STYLE tiers b, c)."""
+import math
+
+import pytest
+import torch
+
+import ppo
+
+
+def gae_reference(rewards, values, length, gamma, lam):
+    """One sequence, plain Python, straight from the definition A_t = Σ_k (γλ)^k δ_{t+k}."""
+    v = [values[t] if t < length else 0.0 for t in range(length + 1)]
+    deltas = [rewards[t] + gamma * v[t + 1] - v[t] for t in range(length)]
+    return [sum((gamma * lam) ** k * deltas[t + k] for k in range(length - t)) for t in range(length)]
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0)])
+def test_gae_matches_plain_definition(gamma, lam):
+    g = torch.Generator().manual_seed(0)
+    rewards, values = torch.randn(4, 7, generator=g, dtype=torch.float64), torch.randn(4, 7, generator=g, dtype=torch.float64)
+    lengths = [7, 3, 1, 5]
+    mask = torch.tensor([[1.0] * n + [0.0] * (7 - n) for n in lengths], dtype=torch.float64)
+    adv, ret = ppo.gae(rewards, values, mask, gamma, lam)
+    for b, n in enumerate(lengths):
+        ref = gae_reference(rewards[b].tolist(), values[b].tolist(), n, gamma, lam)
+        assert torch.allclose(adv[b, :n], torch.tensor(ref, dtype=torch.float64), atol=1e-12)
+        assert torch.equal(adv[b, n:], torch.zeros(7 - n, dtype=torch.float64))  # nothing after EOS
+        assert torch.allclose(ret[b, :n], adv[b, :n] + values[b, :n])
+        assert torch.equal(ret[b, n:], torch.zeros(7 - n, dtype=torch.float64))
+
+
+def test_gae_by_hand():
+    # one 2-token episode, γ = 1, λ = 0.5: δ1 = 1 - 0.5 = 0.5, δ0 = 0 + 0.5 - 0.2 = 0.3, A0 = 0.3 + 0.5·0.5
+    adv, ret = ppo.gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.2, 0.5]]), torch.ones(1, 2), 1.0, 0.5)
+    assert torch.allclose(adv, torch.tensor([[0.55, 0.5]]))
+    assert torch.allclose(ret, torch.tensor([[0.75, 1.0]]))
+
+
+def test_whiten_uses_only_real_tokens():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    w = ppo.whiten(x, mask)
+    # mean 2, unbiased variance 1 -> (-1, 0, 1); the masked 100 neither counts nor survives
+    assert torch.allclose(w, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-6)
+    w2 = ppo.whiten(x, mask, shift_mean=False)
+    assert torch.allclose(w2, torch.tensor([[1.0, 2.0, 3.0, 0.0]]), atol=1e-6)
+
+
+def test_kl_estimators():
+    logp, ref = torch.tensor([math.log(0.5), math.log(0.2)]), torch.tensor([math.log(0.25), math.log(0.4)])
+    assert torch.allclose(ppo.kl_per_token(logp, ref, "k1"), torch.tensor([math.log(2), math.log(0.5)]))
+    # k3 = r - 1 - log r with r = π_ref/π: r = 0.5 -> 0.5 - 1 + log 2; r = 2 -> 1 - log 2
+    k3 = torch.tensor([0.5 - 1 + math.log(2), 2 - 1 - math.log(2)])
+    assert torch.allclose(ppo.kl_per_token(logp, ref, "k3"), k3, atol=1e-6)
+    assert torch.equal(ppo.kl_per_token(logp, logp, "k1"), torch.zeros(2))
+    assert torch.equal(ppo.kl_per_token(logp, logp, "k3"), torch.zeros(2))
+
+
+def test_kl_estimators_are_unbiased_on_average():
+    # E_π[k1] = E_π[k3] = KL(π‖π_ref) for exact samples of π
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.3, 0.3, 0.4])
+    kl = (p * (p / q).log()).sum()
+    lp, lq = p.log(), q.log()
+    for est in ("k1", "k3"):
+        assert torch.allclose((p * ppo.kl_per_token(lp, lq, est)).sum(), kl, atol=1e-6)
+
+
+def test_clipped_losses_by_hand():
+    # ratio e (log-ratio 1) with A = +1 is clipped to 1.2: loss = max(-e, -1.2) = -1.2.
+    # ratio e with A = -1: loss = max(e, 1.2) = e (the pessimistic bound does not clip).
+    # ratio e^-1 with A = -1: max(e^-1, 0.8) = 0.8.
+    old = torch.zeros(1, 3)
+    logp = torch.tensor([[1.0, 1.0, -1.0]])
+    adv = torch.tensor([[1.0, -1.0, -1.0]])
+    mask = torch.ones(1, 3)
+    values, old_values, returns = torch.tensor([[1.0, 0.0, 0.0]]), torch.zeros(1, 3), torch.tensor([[2.0, 0.0, 0.0]])
+    pg, vf, stats = ppo.ppo_losses(logp, old, values, old_values, adv, returns, mask, 0.2, 0.2)
+    assert math.isclose(pg.item(), -1.2 + math.e + 0.8, rel_tol=1e-6)
+    # value: v = 1, clipped to 0.2; returns 2: 0.5·max(1, 1.8²) = 1.62
+    assert math.isclose(vf.item(), 0.5 * 1.8 ** 2, rel_tol=1e-6)
+    assert stats["ppo/clipfrac"] == 3.0  # all three ratios are outside [0.8, 1.2]
+    assert math.isclose(stats["ppo/ratio_mean"], 2 * math.e + math.exp(-1), rel_tol=1e-6)
+
+
+def test_losses_ignore_masked_tokens():
+    args = [torch.tensor([[0.3, 50.0]]), torch.zeros(1, 2), torch.tensor([[0.1, 9.0]]), torch.zeros(1, 2),
+            torch.tensor([[1.0, 7.0]]), torch.tensor([[0.5, -3.0]])]
+    pg, vf, _ = ppo.ppo_losses(*args, torch.tensor([[1.0, 0.0]]), 0.2, 0.2)
+    pg1, vf1, _ = ppo.ppo_losses(*[a[:, :1] for a in args], torch.ones(1, 1), 0.2, 0.2)
+    assert pg.item() == pg1.item() and vf.item() == vf1.item()
+
+
+def test_adaptive_kl_controller():
+    # KL 9 vs target 6: e = 0.5 clipped to 0.2; β = 0.1·(1 + 0.2·8/10000)
+    assert math.isclose(ppo.adaptive_kl(0.1, 9.0, 6.0, 10000, 8), 0.1 * (1 + 0.2 * 8 / 10000))
+    # KL 5.4: e = -0.1, not clipped
+    assert math.isclose(ppo.adaptive_kl(0.1, 5.4, 6.0, 10000, 8), 0.1 * (1 - 0.1 * 8 / 10000))
+    assert ppo.adaptive_kl(0.1, 6.0, 6.0, 10000, 8) == 0.1
+
+
+def test_response_mask_cuts_after_first_eos():
+    eos = 2
+    resp = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 7, 2, 0], [5, 6, 7, 8, 9], [2, 0, 0, 0, 0]])
+    mask, has_eos = ppo.response_mask(resp, eos)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert has_eos.tolist() == [True, True, False, True]
+
+
+def test_score_lands_on_eos_and_nothing_after():
+    kl = torch.tensor([[0.5, 0.5, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    r = ppo.per_token_rewards(kl, torch.tensor([3.0, -1.0]), mask, kl_coef=0.2)
+    assert torch.allclose(r, torch.tensor([[-0.1, -0.1 + 3.0, 0.0, 0.0], [-0.2, -0.2, -0.2, -0.2 - 1.0]]))
