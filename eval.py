@@ -1,0 +1,482 @@
+"""Evaluation, SALSA (arXiv 2411.01798) §4: answers, pairwise judging (Tables 2-5), reward analyses (Figs. 2-3).
+
+    python eval.py answer --model runs/salsa --questions mt-bench/question.jsonl --out runs/eval/mt-bench/salsa.jsonl
+    python eval.py judge --questions mt-bench/question.jsonl --answers salsa.jsonl ppo.jsonl sft.jsonl \\
+        --judge-url https://api.openai.com/v1 --judge-model gpt-4-turbo --out runs/eval/table  # key: $OPENAI_API_KEY
+    python eval.py judge --judge rm:runs/rm ...   or   --judge py:module:function    (offline judges)
+    python eval.py alpha-line --models runs/sft-s1 runs/sft-s2 --reward runs/rm --questions ... --out runs/eval/fig2ab
+    python eval.py plane --models A B C --reward runs/rm --questions ... --out runs/eval/fig2c
+    python eval.py reward-hist --answers salsa.jsonl ppo.jsonl --reward runs/rm --questions ... --out runs/eval/fig3
+
+No torchrun form: one process per model and device (CUDA_VISIBLE_DEVICES). Questions: MT-Bench (`turns`:
+the second is asked after the model's own first answer), Arena-Hard v0.1 (`uid`, `prompt`, or `question_id`,
+`turns[{content}]`), prompt rows (`prompt`, `prompt_id`: UltraFeedback's test_prefs).
+Choices, and where we depart from the paper or FastChat:
+- Answers are greedy by default (the paper gives no sampling settings; FastChat samples per category).
+- Judge prompts: FastChat's pair-v2 (the paper's App. B) and pair-v2-multi-turn for MT-Bench's second turn,
+  from data/judge_prompts.jsonl = FastChat's fastchat/llm_judge/data/judge_prompts.jsonl, verbatim (Apache-2.0).
+  FastChat would grade math and coding against reference answers (pair-math-v1); the paper does not.
+- Each pair is judged in both orders; verdicts that disagree make a tie (FastChat's rule); a reply with no
+  verdict is an error, counted apart, never a win. Win rate = win / n, adjusted = (win + tie / 2) / n with
+  n = win + loss + tie (Tables 1-5); the bootstrap interval is ours.
+- The reward of (x, y) is the reward model on prompt_ids(x) + y + EOS, the sequence PPO scores.
+"""
+import csv
+import hashlib
+import http.client
+import importlib
+import itertools
+import json
+import os
+import random
+import re
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import salsa
+from soup import check_ingredients, read_tensor, soup_state_dicts
+
+
+@dataclass
+class Args:
+    questions: str = salsa.arg("", "questions: MT-Bench, Arena-Hard or prompt rows (.jsonl/.json/.parquet), or a hub dataset")
+    split: str = salsa.arg("test_prefs", "dataset split of a hub --questions (UltraFeedback's test split, §4)")
+    limit: int = salsa.arg(0, "use only the first N questions (0 = all)")
+    out: str = salsa.arg("", "answer: answers .jsonl (resumed); judge: table path without suffix; analyses: a dir")
+    model: str = salsa.arg("", "answer: model directory")
+    model_id: str = salsa.arg("", "answer: name in the answers file (default: the model dir's name)")
+    answers: list[str] = salsa.arg([], "judge, reward-hist: answer files; judge compares every pair, in this order")
+    reward: str = salsa.arg("", "analyses: reward model dir written by reward.py")
+    models: list[str] = salsa.arg([], "alpha-line: two SFT models; plane: three, fine-tuned from one base (§4.2)")
+    alphas: list[float] = salsa.arg([i / 10 for i in range(11)], "alpha-line: weights of the second model (Fig. 2a/b)")
+    grid: int = salsa.arg(7, "plane: grid points per side of the square around the triangle (Fig. 2c)")
+    margin: float = salsa.arg(0.25, "plane: how far the grid reaches past the triangle, in side lengths")
+    batch_size: int = salsa.arg(8, "prompts per generate / reward-model forward")
+    max_new_tokens: int = salsa.arg(1024, "answer length limit (FastChat's MT-Bench default)")
+    max_prompt_len: int = salsa.arg(2048, "longer prompts keep their last tokens, with a warning (App. A.1 max length)")
+    temperature: float = salsa.arg(0.0, "sampling temperature; 0 = greedy")
+    judge: str = salsa.arg("api", "api (an OpenAI-compatible endpoint), rm:DIR (a reward model), py:module:function")
+    judge_url: str = salsa.arg("https://api.openai.com/v1", "api: base URL (or the full /chat/completions URL)")
+    judge_model: str = salsa.arg("gpt-4-turbo", "api: judge model (the paper: GPT-4-Turbo, §4)")
+    judge_key_env: str = salsa.arg("OPENAI_API_KEY", "api: environment variable holding the key (never logged)")
+    judge_prompts: str = salsa.arg("data/judge_prompts.jsonl", "FastChat's judge prompts (pair-v2, pair-v2-multi-turn)")
+    dataset: str = salsa.arg("", "judge: dataset name in the table (default: the question file's folder)")
+    cache: str = salsa.arg("runs/eval/judge_cache.jsonl", "api: every judgment appended as it arrives; reruns reuse it")
+    concurrency: int = salsa.arg(8, "api: requests in flight")
+    retries: int = salsa.arg(6, "api: retries on 429, 5xx and timeouts, with exponential backoff")
+    backoff: float = salsa.arg(2.0, "api: first backoff in seconds (doubles each retry)")
+    timeout: float = salsa.arg(120.0, "api: seconds per request")
+    tie_margin: float = salsa.arg(0.0, "rm/py judges: scores closer than this are a tie")
+    bootstrap: int = salsa.arg(1000, "judge: bootstrap resamples of the 95-percent interval of the adjusted win rate")
+    seed: int = salsa.arg(0, "seed of sampling and of the bootstrap")
+    dtype: str = salsa.arg("float32", "weights dtype")
+    attn: str = salsa.arg("sdpa", "attention implementation (sdpa, eager, flash_attention_2)")
+
+
+# ---------------------------------------------------------------- questions and answers
+def load_questions(source: str, split: str, limit: int = 0) -> list[dict]:
+    """[{id, turns: [str]}] from any of the three question formats."""
+    out = []
+    for i, row in enumerate(salsa.read_rows(source, split)[: limit or None]):
+        turns = [t.get("content") if isinstance(t, dict) else t for t in row.get("turns") or [row.get("prompt")]]
+        if not all(isinstance(t, str) and t for t in turns):
+            raise ValueError(f"{source} row {i}: expected `turns` (strings or {{content}}) or a `prompt` string")
+        qid = next((row[k] for k in ("question_id", "uid", "prompt_id") if k in row), i)
+        out.append({"id": qid, "turns": turns})
+    if len({str(q["id"]) for q in out}) < len(out):
+        raise ValueError(f"{source}: question ids are not unique")
+    return out
+
+
+def load_answers(path: str, questions: list[dict]) -> tuple[str, dict]:
+    """(model_id, {question id: answer turns}), refused unless every question's every turn is answered."""
+    rows = salsa.read_jsonl(path)
+    answers = {str(r["question_id"]): r["choices"][0]["turns"] for r in rows}
+    for q in questions:
+        if len(answers.get(str(q["id"]), [])) < len(q["turns"]):
+            raise ValueError(f"{path}: question {q['id']} has no answer to each of its {len(q['turns'])} turns: "
+                             "run `eval.py answer` on this question file first")
+    return (rows[0]["model_id"] if rows else Path(path).stem), answers
+
+
+def conversation(turns: list[str], answers: list[str], k: int):
+    """Turn k's prompt as salsa.prompt_ids takes it: the question, or the messages so far ending with it."""
+    msgs = [{"role": r, "content": c} for u, a in zip(turns[:k], answers[:k])
+            for r, c in (("user", u), ("assistant", a))]
+    return msgs + [{"role": "user", "content": turns[k]}] if k else turns[0]
+
+
+def prompt_ids(tok, prompt, max_len: int, where: str) -> list[int]:
+    ids = salsa.prompt_ids(tok, prompt, where)
+    if len(ids) > max_len:  # the end holds the question and the assistant header
+        tqdm.write(f"{where}: prompt of {len(ids)} tokens cut to its last {max_len} (--max-prompt-len)")
+    return ids[-max_len:]
+
+
+def gen_config(tok, temperature: float, max_new_tokens: int):
+    """A fresh config, so no warper from the model's generation_config.json changes the answers."""
+    from transformers import GenerationConfig
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else dict(do_sample=False)
+    return GenerationConfig(**sampling, max_new_tokens=max_new_tokens, use_cache=True,
+                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[list[int]], cfg, batch_size: int) -> list[list[int]]:
+    """Answer token ids, up to (without) the first EOS; batched with left padding, KV cache on."""
+    out, eos = [], tok.eos_token_id
+    for i in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False, disable=len(prompts) <= batch_size):
+        ids, mask = salsa.pad(prompts[i:i + batch_size], tok.pad_token_id, device=model.device)  # (B, P)
+        seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)  # (B, P + R)
+        out += [r[:r.index(eos)] if eos in r else r for r in seq[:, ids.shape[1]:].tolist()]
+    return out
+
+
+@torch.no_grad()
+def rewards(rm, pad_id: int, seqs: list[list[int]], batch_size: int) -> list[float]:
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        ids, mask = salsa.pad(seqs[i:i + batch_size], pad_id, device=rm.device)  # (B, T)
+        out += salsa.reward_scores(rm, ids, mask).tolist()
+    return out
+
+
+def answer(args: Args):
+    """Answers in FastChat's format, appended a batch of questions at a time; a rerun skips answered ids."""
+    model_id, out = args.model_id or Path(args.model).name, Path(args.out)
+    questions = load_questions(args.questions, args.split, args.limit)
+    done = {str(r["question_id"]): r["model_id"] for r in (salsa.read_jsonl(out) if out.exists() else [])}
+    if set(done.values()) - {model_id}:
+        raise ValueError(f"{out} holds answers of another model than {model_id}: choose another --out")
+    todo = [q for q in questions if str(q["id"]) not in done]
+    print(f"{out}: {len(questions) - len(todo)} questions answered before, {len(todo)} to go")
+    if not todo:
+        return
+    tok = salsa.load_tokenizer(args.model)
+    model = salsa.load_model(args.model, tok, args.dtype, args.attn, salsa.setup_dist(args.seed).device).eval()
+    cfg = gen_config(tok, args.temperature, args.max_new_tokens)
+    todo.sort(key=lambda q: len(q["turns"][0]))  # similar lengths share a batch: less padding
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for i in tqdm(range(0, len(todo), args.batch_size), desc=f"answer {model_id}"):
+        chunk = todo[i:i + args.batch_size]
+        turns = [[] for _ in chunk]
+        for k in range(max(len(q["turns"]) for q in chunk)):  # turn k + 1 is asked after the model's own turn k
+            rows = [j for j, q in enumerate(chunk) if k < len(q["turns"])]
+            prompts = [prompt_ids(tok, conversation(chunk[j]["turns"], turns[j], k), args.max_prompt_len,
+                                  f"{args.questions} question {chunk[j]['id']} turn {k + 1}") for j in rows]
+            for j, ids in zip(rows, generate(model, tok, prompts, cfg, args.batch_size)):
+                turns[j].append(tok.decode(ids, skip_special_tokens=True).strip())
+        for q, t in zip(chunk, turns):
+            salsa.log_jsonl(out, {"question_id": q["id"], "model_id": model_id,
+                                  "choices": [{"index": 0, "turns": t}], "tstamp": time.time()})
+
+
+# ---------------------------------------------------------------- judges
+def parse_verdict(text: str) -> str:
+    """The last [[A]]/[[B]]/[[C]] of a judge's reply, else "error". A verdict that is part of the
+    instructions echoed back (`"[[A]]" if assistant A is better`, `"[[C]]" for a tie`) does not count."""
+    found = re.findall(r"\[\[([ABC])\]\](?![\"'”’]?\s*(?i:if assistant|for a tie))", text)
+    return found[-1] if found else "error"
+
+
+def pair_outcome(v_ab: str, v_ba: str) -> str:
+    """Model a's result from the verdicts with a shown first and with a shown second."""
+    if "error" in (v_ab, v_ba):
+        return "error"
+    if v_ab != {"A": "B", "B": "A", "C": "C"}[v_ba]:  # the two orders disagree: a tie, as in FastChat
+        return "tie"
+    return {"A": "win", "B": "loss", "C": "tie"}[v_ab]
+
+
+def judge_prompt(templates: dict, turns: list[str], a: list[str], b: list[str], k: int) -> tuple[str, str]:
+    """(system, user) messages of FastChat's pair-v2 (turn 1) or pair-v2-multi-turn (turn 2)."""
+    if k == 0:
+        t = templates["pair-v2"]
+        return t["system_prompt"], t["prompt_template"].format(question=turns[0], answer_a=a[0], answer_b=b[0])
+    if k > 1:
+        raise ValueError(f"a question of {len(turns)} turns: the judge prompts cover two")
+    t = templates["pair-v2-multi-turn"]
+    return t["system_prompt"], t["prompt_template"].format(question_1=turns[0], question_2=turns[1], answer_a_1=a[0],
+                                                           answer_a_2=a[1], answer_b_1=b[0], answer_b_2=b[1])
+
+
+class JudgeError(Exception):
+    """A judgment that failed for good: counted as an error, never cached, retried by a rerun."""
+
+
+def call_api(url: str, model: str, key: str | None, system: str, user: str, args: Args) -> str:
+    body = json.dumps({"model": model, "temperature": 0, "max_tokens": 2048, "messages": [
+        {"role": "system", "content": system}, {"role": "user", "content": user}]}).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    for attempt in range(args.retries + 1):
+        wait = args.backoff * 2**attempt * (1 + random.random())  # jitter: threads do not retry in lockstep
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=args.timeout) as r:
+                raw = r.read()
+            break
+        except urllib.error.HTTPError as e:
+            if e.code != 429 and e.code < 500:
+                raise RuntimeError(f"{url}: HTTP {e.code} {e.reason}: check --judge-url, --judge-model "
+                                   f"and ${args.judge_key_env}") from None
+            error, wait = f"HTTP {e.code}", max(wait, float(e.headers.get("Retry-After") or 0))
+        except (OSError, http.client.HTTPException) as e:  # timeouts, refused or dropped connections
+            error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+        if attempt == args.retries:
+            raise JudgeError(f"gave up after {args.retries + 1} tries, last: {error}")
+        time.sleep(wait)
+    try:
+        return json.loads(raw)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise JudgeError(f"malformed reply: {raw[:120]!r}") from None
+
+
+def judge_api(args: Args, games: dict) -> dict:
+    """{game: reply text, or None for an error}, through the on-disk cache; new replies appended as they come.
+    A reply with no verdict was paid for: it is cached and stays an error (delete its line to ask again)."""
+    url = args.judge_url.rstrip("/")
+    url += "" if url.endswith("/chat/completions") else "/chat/completions"
+    api_key, lock, cache = os.environ.get(args.judge_key_env), threading.Lock(), {}
+    text = Path(args.cache).read_text() if Path(args.cache).exists() else ""
+    for line in text.splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:  # the line a killed run was writing
+            continue
+        cache[r["key"]] = r["judgment"]
+    if not text.endswith("\n") and text:  # what we append must not extend that cut line
+        with open(args.cache, "a") as fh:
+            fh.write("\n")
+    Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
+    keys = {g: hashlib.sha256(json.dumps([args.judge_model, *p]).encode()).hexdigest() for g, p in games.items()}
+
+    def one(game):
+        reply = call_api(url, args.judge_model, api_key, *games[game], args)
+        with lock:
+            cache[keys[game]] = reply
+            salsa.log_jsonl(args.cache, {"key": keys[game], "judge": args.judge_model, "game": game, "judgment": reply})
+
+    todo = list({keys[g]: g for g in games if keys[g] not in cache}.values())  # identical prompts asked once
+    print(f"judge: {len(games) - len(todo)} of {len(games)} judgments cached, {len(todo)} to ask {args.judge_model}")
+    failed = {}
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        futures = {pool.submit(one, g): g for g in todo}
+        for f in tqdm(as_completed(futures), total=len(futures), desc="judge"):
+            try:
+                f.result()
+            except JudgeError as e:
+                failed[futures[f]] = str(e)
+            except BaseException:  # a bad key or URL fails every request: stop, keep what is cached
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+    for game, why in list(failed.items())[:5]:
+        print(f"judge error on {game}: {why}")
+    return {g: cache.get(keys[g]) for g in games}
+
+
+def local_scores(args: Args, prompts: list, answers: list[str]) -> list[float]:
+    """Scores of a reward model (rm:DIR) or a Python function (py:module:function of (question, answer))."""
+    kind, _, spec = args.judge.partition(":")
+    if kind == "py":
+        sys.path.insert(0, os.getcwd())
+        module, _, name = spec.partition(":")
+        return [float(getattr(importlib.import_module(module), name)(p, a)) for p, a in zip(prompts, answers)]
+    if kind != "rm":
+        raise ValueError(f"--judge {args.judge}: expected api, rm:DIR or py:module:function")
+    device = salsa.setup_dist(args.seed).device
+    tok, rm = salsa.load_tokenizer(spec), salsa.load_reward_model(spec, args.dtype, args.attn, device)
+    seqs = [prompt_ids(tok, p, args.max_prompt_len, f"answer {i}") + tok(a, add_special_tokens=False)["input_ids"]
+            + [tok.eos_token_id] for i, (p, a) in enumerate(zip(prompts, answers))]
+    return rewards(rm, tok.pad_token_id, seqs, args.batch_size)
+
+
+def summary(outcomes: list[str], n_boot: int, seed: int) -> dict:
+    """Table 2-5 numbers in percent, plus a bootstrap 95% interval of the adjusted win rate."""
+    n = {o: outcomes.count(o) for o in ("win", "loss", "tie", "error")}
+    x = torch.tensor([{"win": 1.0, "tie": 0.5, "loss": 0.0}[o] for o in outcomes if o != "error"])  # (N,)
+    if not len(x):
+        raise ValueError("every judgment was an error: nothing to tabulate")
+    idx = torch.randint(len(x), (n_boot, len(x)), generator=torch.Generator().manual_seed(seed))  # (n_boot, N)
+    lo, hi = torch.quantile(100 * x[idx].mean(1), torch.tensor([0.025, 0.975])).tolist()
+    return {**n, "win_rate": 100 * n["win"] / len(x), "adj_win_rate": 100 * x.mean().item(),
+            "ci_low": lo, "ci_high": hi}
+
+
+def write_table(out: str, new: list[dict]):
+    """CSV and Markdown like the paper's Tables 2-5; rows of other datasets and pairs already there are kept."""
+    path = Path(f"{out}.csv")
+    done = {(r["dataset"], r["model"], r["opponent"]) for r in new}
+    old = list(csv.DictReader(open(path))) if path.exists() else []
+    rows = [r for r in old if (r["dataset"], r["model"], r["opponent"]) not in done]
+    write_csv(path, rows + new)
+    lines = ["| Dataset | Comparison | Win | Loss | Tie | Win Rate | Adj. Win Rate | Adj. 95% CI | Errors |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['dataset']} | {r['model']} vs {r['opponent']} | {r['win']} | {r['loss']} | {r['tie']} | "
+              f"{float(r['win_rate']):.2f} | {float(r['adj_win_rate']):.2f} | "
+              f"[{float(r['ci_low']):.2f}, {float(r['ci_high']):.2f}] | {r['error']} |" for r in rows + new]
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def judge(args: Args):
+    questions = load_questions(args.questions, args.split, args.limit)
+    runs = dict(load_answers(p, questions) for p in args.answers)  # {model_id: {question id: turns}}
+    if len(runs) < 2 or len(runs) < len(args.answers):
+        raise ValueError(f"--answers {' '.join(args.answers)}: give answers of two or more models, distinct model_ids")
+    units = [(str(q["id"]), q["turns"], k) for q in questions for k in range(len(q["turns"]))]  # MT-Bench: 160
+    pairs = list(itertools.combinations(runs, 2))
+    if args.judge == "api":
+        templates = {t["name"]: t for t in salsa.read_jsonl(args.judge_prompts)}
+        games = {(x, y, qid, k): judge_prompt(templates, turns, runs[x][qid], runs[y][qid], k)
+                 for a, b in pairs for x, y in ((a, b), (b, a)) for qid, turns, k in units}
+        replies = judge_api(args, games)
+        verdict = {g: parse_verdict(t) if t is not None else "error" for g, t in replies.items()}
+        for g in [g for g, t in replies.items() if t is not None and verdict[g] == "error"][:5]:
+            print(f"no verdict in the reply to {g}: ...{replies[g][-200:]!r}")
+        outcome = {(a, b): [pair_outcome(verdict[a, b, qid, k], verdict[b, a, qid, k]) for qid, _, k in units]
+                   for a, b in pairs}
+    else:  # a local judge is blind to the order: one score per answer, compared
+        flat = [(ans, qid, turns, k) for ans in runs.values() for qid, turns, k in units]
+        s = local_scores(args, [conversation(t, ans[qid], k) for ans, qid, t, k in flat], [ans[q][k] for ans, q, _, k in flat])
+        score = {m: s[i * len(units):(i + 1) * len(units)] for i, m in enumerate(runs)}
+        outcome = {(a, b): ["win" if x - y > args.tie_margin else "loss" if y - x > args.tie_margin else "tie"
+                            for x, y in zip(score[a], score[b])] for a, b in pairs}
+    dataset = args.dataset or (Path(args.questions).parent.name if Path(args.questions).exists() else args.questions)
+    flip = {"win": "loss", "loss": "win", "tie": "tie", "error": "error"}
+    rows = []
+    for (a, b), o in outcome.items():  # two rows per pair, each model's view, like the paper
+        for model, opponent, view in ((a, b, o), (b, a, [flip[v] for v in o])):
+            rows.append({"dataset": dataset, "model": model, "opponent": opponent, "judge": args.judge_model
+                         if args.judge == "api" else args.judge, **summary(view, args.bootstrap, args.seed)})
+    write_table(args.out, rows)
+
+
+# ---------------------------------------------------------------- reward analyses (§4.2)
+def soup_rewards(args: Args, weights: list[list[float]]) -> list[list[float]]:
+    """Rewards of the answers to the first turns of --questions, one list per soup of --models. One model
+    object is reused: each soup is computed in memory and loaded into it, never written to disk."""
+    device = salsa.setup_dist(args.seed).device
+    tok = salsa.load_tokenizer(args.models[0])
+    states = [{k: read_tensor(f, k) for k, (f, _, _) in layout.items()} for layout in check_ingredients(args.models)]
+    model = salsa.load_model(args.models[0], tok, args.dtype, args.attn, device).eval()
+    rm = salsa.load_reward_model(args.reward, args.dtype, args.attn, device)
+    prompts = sorted((prompt_ids(tok, q["turns"][0], args.max_prompt_len, f"{args.questions} question {q['id']}")
+                      for q in load_questions(args.questions, args.split, args.limit)), key=len)
+    cfg, out = gen_config(tok, args.temperature, args.max_new_tokens), []
+    for w in tqdm(weights, desc="soups"):
+        missing, unexpected = model.load_state_dict(soup_state_dicts(states, w), strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:  # a tied lm_head is saved once, as the embedding
+            raise ValueError(f"{args.models[0]}: saved tensors do not match the model: {missing} {unexpected}")
+        answers = generate(model, tok, prompts, cfg, args.batch_size)
+        out.append(rewards(rm, tok.pad_token_id, [p + a + [tok.eos_token_id] for p, a in zip(prompts, answers)],
+                           args.batch_size))
+    return out
+
+
+def mean_se(x: list[float]) -> tuple[float, float]:
+    t = torch.tensor(x, dtype=torch.float64)
+    return t.mean().item(), (t.std() / len(t) ** 0.5).item() if len(t) > 1 else 0.0
+
+
+def write_csv(path: Path, rows: list[dict]):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {path}")
+
+
+def plot(png: Path, draw):
+    """Call draw(pyplot) and save the figure; matplotlib is optional: without it the .csv is the result."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print(f"{png} not drawn: plots need `pip install matplotlib` (the numbers are in the .csv)")
+    draw(plt)
+    plt.tight_layout()
+    plt.savefig(png, dpi=120)
+    plt.close()
+    print(f"wrote {png}")
+
+
+def alpha_line(args: Args):
+    if len(args.models) != 2:
+        raise ValueError("alpha-line needs --models REF OTHER (soup = (1 - alpha) REF + alpha OTHER, eq. 3)")
+    r = soup_rewards(args, [[1 - a, a] for a in args.alphas])
+    rows = [{"alpha": a, "mean_reward": m, "stderr": se, "n": len(x)} for a, x in zip(args.alphas, r) for m, se in [mean_se(x)]]
+    write_csv(Path(args.out, "alpha_line.csv"), rows)
+
+    def draw(plt):
+        plt.errorbar(args.alphas, [r["mean_reward"] for r in rows], [r["stderr"] for r in rows], marker="o", capsize=3)
+        plt.xlabel("alpha   (soup = (1 - alpha) ref + alpha other)")
+        plt.ylabel("mean reward ± s.e.")
+    plot(Path(args.out, "alpha_line.png"), draw)
+
+
+def plane(args: Args):
+    """Fig. 2c: the models at the corners (0, 0), (1, 0), (1/2, √3/2); the soup at a point (x, y) has its
+    barycentric coordinates as weights, negative outside the triangle."""
+    if len(args.models) != 3:
+        raise ValueError("plane needs --models A B C: three SFT models of one base")
+    h = 3**0.5 / 2
+    xs = torch.linspace(-args.margin, 1 + args.margin, args.grid, dtype=torch.float64).tolist()
+    ys = torch.linspace(-args.margin, h + args.margin, args.grid, dtype=torch.float64).tolist()
+    pts = [(x, y) for y in ys for x in xs]  # rows of constant y, as imshow reads them
+    weights = [[1 - x - y / (2 * h), x - y / (2 * h), y / h] for x, y in pts]
+    rows = [{"x": x, "y": y, "w1": w[0], "w2": w[1], "w3": w[2], "mean_reward": m, "stderr": se}
+            for (x, y), w, r in zip(pts, weights, soup_rewards(args, weights)) for m, se in [mean_se(r)]]
+    write_csv(Path(args.out, "plane.csv"), rows)
+
+    def draw(plt):
+        grid = [[r["mean_reward"] for r in rows[i:i + args.grid]] for i in range(0, len(rows), args.grid)]
+        plt.imshow(grid, origin="lower", extent=[xs[0], xs[-1], ys[0], ys[-1]], cmap="viridis")
+        plt.colorbar(label="mean reward")
+        plt.plot([0, 1, 0.5, 0], [0, 0, h, 0], "w:")
+        for x, y, name in zip([0, 1, 0.5], [0, 0, h], args.models):
+            plt.annotate(Path(name).name, (x, y), color="white", ha="center")
+    plot(Path(args.out, "plane.png"), draw)
+
+
+def reward_hist(args: Args):
+    """Fig. 3: the reward of every answered turn of each model, as overlaid histograms with their means."""
+    questions = load_questions(args.questions, args.split, args.limit)
+    flat = [(name, ans, q, k) for name, ans in (load_answers(p, questions) for p in args.answers)
+            for q in questions for k in range(len(q["turns"]))]
+    args.judge = f"rm:{args.reward}"
+    s = local_scores(args, [conversation(q["turns"], ans[str(q["id"])], k) for _, ans, q, k in flat],
+                     [ans[str(q["id"])][k] for _, ans, q, k in flat])
+    rows = [{"model": name, "question_id": q["id"], "turn": k + 1, "reward": v} for (name, _, q, k), v in zip(flat, s)]
+    write_csv(Path(args.out, "reward_hist.csv"), rows)
+
+    def draw(plt):
+        for name in dict.fromkeys(r["model"] for r in rows):
+            x = [r["reward"] for r in rows if r["model"] == name]
+            mean = plt.axvline(sum(x) / len(x), linestyle="--")
+            plt.hist(x, bins=30, alpha=0.5, color=mean.get_color(), label=f"{name} (mean {sum(x) / len(x):.3f})")
+        plt.xlabel("reward")
+        plt.legend()
+    plot(Path(args.out, "reward_hist.png"), draw)
+
+
+COMMANDS = {"answer": answer, "judge": judge, "alpha-line": alpha_line, "plane": plane, "reward-hist": reward_hist}
+
+if __name__ == "__main__":
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        salsa.parse_args(Args, ["--help"])
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        sys.exit(f"usage: python eval.py {{{','.join(COMMANDS)}}} [flags]   (python eval.py --help lists the flags)")
+    args = salsa.parse_args(Args, sys.argv[2:])
+    if not args.questions or not args.out:
+        sys.exit(f"eval.py {sys.argv[1]}: give --questions and --out")
+    COMMANDS[sys.argv[1]](args)

@@ -1,0 +1,347 @@
+"""eval.py: verdict parsing on judge-like replies, both-order aggregation and the win-rate arithmetic
+against the paper's own rows, the judge client against a stub server on loopback (retry, malformed
+reply, timeout, cache), answers on a tiny model (format, second turn, resume), the alpha line's ends
+against its ingredients, and every command end to end with its table or plots."""
+import csv
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, make_tiny
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import eval as ev
+import salsa
+
+ECHO = ('output your final verdict by strictly following this format: "[[A]]" if assistant A is better, '
+        '"[[B]]" if assistant B is better, and "[[C]]" for a tie.')
+MT_BENCH = [{"question_id": 81 + i, "category": "writing", "turns": [f"Write a haiku about {w}.", "Now make it rhyme."]}
+            for i, w in enumerate(["rain", "tea", "snow"])]
+
+
+def run(*argv, cwd=ROOT):
+    res = subprocess.run([sys.executable, str(ROOT / "eval.py"), *map(str, argv)], cwd=cwd, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "JUDGE_KEY": "sk-secret"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout + res.stderr
+
+
+def write_jsonl(path, rows):
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def fastchat_answers(path, model_id, answers: dict):
+    return write_jsonl(path, [{"question_id": q, "model_id": model_id, "choices": [{"index": 0, "turns": t}]}
+                              for q, t in answers.items()])
+
+
+# ---------------------------------------------------------------- verdicts and win rates
+@pytest.mark.parametrize("reply, verdict", [
+    ("Assistant A answers both parts; B misses the second.\n\nFinal verdict: [[A]]", "A"),
+    ("At first glance [[A]] looks right, but B is more accurate on the math. My final verdict is [[B]]", "B"),
+    (f"As instructed, I {ECHO} Both responses are equally good.\n\n[[C]]", "C"),
+    (f"I will {ECHO}\nHaving compared them, [[A]]", "A"),
+    (f"Instructions recap: {ECHO}", "error"),  # only the echoed instructions: no verdict of its own
+    ("Both answers are fine, I cannot pick one.", "error"),
+    ("Verdict: [[D]]", "error"),
+    ("Verdict: [A]", "error"),
+    ("", "error"),
+])
+def test_parse_verdict(reply, verdict):
+    assert ev.parse_verdict(reply) == verdict
+
+
+@pytest.mark.parametrize("ab, ba, outcome", [
+    ("A", "B", "win"), ("B", "A", "loss"), ("C", "C", "tie"),
+    ("A", "A", "tie"), ("B", "B", "tie"),  # position bias: inconsistent, so a tie
+    ("A", "C", "tie"), ("C", "B", "tie"),
+    ("A", "error", "error"), ("error", "B", "error"),
+])
+def test_both_orders(ab, ba, outcome):
+    assert ev.pair_outcome(ab, ba) == outcome
+
+
+# (win, loss, tie, win rate, adjusted win rate) as printed in the paper's Tables 2, 3, 4 and 5
+PAPER_ROWS = [(29, 21, 110, 18.12, 52.50), (21, 29, 110, 13.12, 47.50), (102, 62, 335, 20.44, 54.01),
+              (44, 91, 365, 8.80, 45.30), (477, 447, 1075, 23.86, 50.75), (42, 23, 95, 26.25, 55.94),
+              (126, 69, 305, 25.20, 55.70), (14, 8, 138, 8.75, 51.88), (24, 19, 451, 4.86, 50.51),
+              (69, 85, 340, 13.97, 48.38), (29, 20, 111, 18.13, 52.81)]
+
+
+@pytest.mark.parametrize("win, loss, tie, wr, adj", PAPER_ROWS)
+def test_win_rates_match_the_paper(win, loss, tie, wr, adj):
+    outcomes = ["win"] * win + ["loss"] * loss + ["tie"] * tie + ["error"] * 3  # errors count in no rate
+    s = ev.summary(outcomes, n_boot=200, seed=0)
+    assert (s["win"], s["loss"], s["tie"], s["error"]) == (win, loss, tie, 3)
+    assert abs(s["win_rate"] - wr) <= 0.005 + 1e-9 and abs(s["adj_win_rate"] - adj) <= 0.005 + 1e-9
+    assert s["ci_low"] < s["adj_win_rate"] < s["ci_high"]
+
+
+def test_bootstrap_interval():
+    assert ev.summary(["win"] * 10, 100, 0)["ci_low"] == 100.0  # no spread, no interval
+    a, b = ev.summary(["win", "tie", "loss"] * 40, 500, 1), ev.summary(["loss", "tie", "win"] * 40, 500, 1)
+    assert a["ci_low"] == pytest.approx(100 - b["ci_high"]) and a["ci_high"] == pytest.approx(100 - b["ci_low"])
+    half_width = 100 * 1.96 * (1 / 6 / 120) ** 0.5  # normal approximation: outcomes 1, 1/2, 0 have variance 1/6
+    assert a["ci_high"] - a["ci_low"] == pytest.approx(2 * half_width, rel=0.2)
+
+
+def test_judge_prompts_are_fastchats():
+    t = {r["name"]: r for r in salsa.read_jsonl(ROOT / "data" / "judge_prompts.jsonl")}
+    system, user = ev.judge_prompt(t, ["Q1", "Q2"], ["a1", "a2"], ["b1", "b2"], 0)
+    assert system.startswith("Please act as an impartial judge") and ECHO in system
+    assert user == ("[User Question]\nQ1\n\n[The Start of Assistant A's Answer]\na1\n[The End of Assistant A's Answer]"
+                    "\n\n[The Start of Assistant B's Answer]\nb1\n[The End of Assistant B's Answer]")
+    system, user = ev.judge_prompt(t, ["Q1", "Q2"], ["a1", "a2"], ["b1", "b2"], 1)
+    assert "focus on who provides a better answer to the second user question" in system
+    assert user.index("a1") < user.index("Q2") < user.index("a2") < user.index("b1") < user.index("b2")
+
+
+# ---------------------------------------------------------------- the judge client
+class Stub:
+    """An OpenAI-compatible endpoint on 127.0.0.1: replies follow a script, then `default(user_prompt)`."""
+
+    def __init__(self, default):
+        self.script, self.default, self.requests = [], default, []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.requests.append((self.path, self.headers.get("Authorization"), body))
+                status, payload = stub.script.pop(0) if stub.script else (200, stub.default(body["messages"][1]["content"]))
+                if status == "sleep":
+                    time.sleep(payload)
+                    status, payload = 200, "too late"
+                data = payload.encode() if isinstance(payload, str) else json.dumps(
+                    {"choices": [{"message": {"role": "assistant", "content": payload["text"]}}]}).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:  # the client gave up (timeout test)
+                    pass
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def last_answer(user: str, who: str) -> str:
+    if f"[The Start of Assistant {who}'s Answer]" in user:  # pair-v2
+        return user.split(f"[The Start of Assistant {who}'s Answer]")[1].split("[The End")[0]
+    return user.split(f"### Assistant {who}:")[2].split("<|The End")[0]  # pair-v2-multi-turn: the second answer
+
+
+def prefer_good(user: str) -> dict:
+    """A fair judge: picks the answer that says "good", whatever its position; "??" gets a reply with no verdict."""
+    if "??" in user:
+        return {"text": "I am not sure."}
+    if "Assistant A" not in user:
+        return {"text": "Comparing both. [[C]]"}
+    a, b = ("good" in last_answer(user, who) for who in "AB")
+    return {"text": f"Comparing both. [[{'A' if a > b else 'B' if b > a else 'C'}]]"}
+
+
+@pytest.fixture
+def stub():
+    s = Stub(prefer_good)
+    yield s
+    s.server.shutdown()
+
+
+def api_args(stub, tmp_path, **kw):
+    return ev.Args(judge_url=stub.url, judge_model="stub-judge", judge_key_env="JUDGE_KEY", cache=str(tmp_path / "cache.jsonl"),
+                   retries=2, backoff=0.01, timeout=0.5, concurrency=2, **kw)
+
+
+def test_api_success_retry_malformed_timeout(stub, tmp_path, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "sk-secret")
+    args = api_args(stub, tmp_path)
+    url = stub.url + "/chat/completions"
+    assert ev.call_api(url, "m", "sk-secret", "sys", "good?", args) == "Comparing both. [[C]]"
+    path, auth, body = stub.requests[-1]
+    assert path == "/v1/chat/completions" and auth == "Bearer sk-secret" and body["temperature"] == 0
+    assert body["messages"] == [{"role": "system", "content": "sys"}, {"role": "user", "content": "good?"}]
+
+    stub.script, n = [(500, "oops"), (429, "slow down")], len(stub.requests)
+    assert ev.call_api(url, "m", None, "sys", "x", args) == "Comparing both. [[C]]"
+    assert len(stub.requests) - n == 3 and stub.requests[-1][1] is None  # two retries, then success; no key, no header
+
+    stub.script, n = [(200, "{not json")], len(stub.requests)
+    with pytest.raises(ev.JudgeError, match="malformed"):
+        ev.call_api(url, "m", None, "sys", "x", args)
+    assert len(stub.requests) - n == 1
+
+    stub.script, n = [("sleep", 1.0)] * 3, len(stub.requests)
+    t0 = time.time()
+    with pytest.raises(ev.JudgeError, match="3 tries"):
+        ev.call_api(url, "m", None, "sys", "x", args)
+    assert len(stub.requests) - n == 3 and time.time() - t0 < 3
+
+    stub.script = [(401, "bad key")]
+    with pytest.raises(RuntimeError, match="HTTP 401"):  # not retried, not counted: every request would fail
+        ev.call_api(url, "m", None, "sys", "x", args)
+
+
+def test_cache_and_counted_errors(stub, tmp_path, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "sk-secret")
+    args = api_args(stub, tmp_path)
+    games = {("p", "q", str(i), 0): ("sys", f"question {i} good") for i in range(4)}
+    games[("p", "q", "bad", 0)] = ("sys", "malformed")
+    stub.default = lambda user: "{not json" if user == "malformed" else {"text": "[[A]]"}
+    replies = ev.judge_api(args, games)
+    assert replies["p", "q", "bad", 0] is None and sum(r is None for r in replies.values()) == 1
+    assert len(stub.requests) == 5
+    stub.default = lambda user: {"text": "[[A]]"}
+    assert "sk-secret" not in Path(args.cache).read_text()
+    n = len(stub.requests)
+    again = ev.judge_api(args, games)  # the four answers are cached; the failed one is asked again
+    assert len(stub.requests) == n + 1 and all(r == "[[A]]" for r in again.values())
+    with open(args.cache, "a") as fh:
+        fh.write('{"key": "cut by a cra')  # a run killed mid-write
+    assert ev.judge_api(args, games) == again and len(stub.requests) == n + 1
+    games["p", "q", "new", 1] = ("sys", "one more")
+    ev.judge_api(args, games)
+    assert ev.judge_api(args, games)["p", "q", "new", 1] == "[[A]]" and len(stub.requests) == n + 2
+
+
+def test_judge_api_end_to_end(stub, tmp_path):
+    """Two MT-Bench questions x two turns, three models; "good" wins in either position, "??" is unjudgeable."""
+    qs = write_jsonl(tmp_path / "question.jsonl", MT_BENCH[:2])
+    a = fastchat_answers(tmp_path / "a.jsonl", "salsa", {81: ["good", "good"], 82: ["good", "fine"]})
+    b = fastchat_answers(tmp_path / "b.jsonl", "ppo", {81: ["meh", "meh"], 82: ["meh", "?? meh"]})
+    c = fastchat_answers(tmp_path / "c.jsonl", "sft", {81: ["bleh", "bleh"], 82: ["bleh", "bleh"]})
+    flags = ["--questions", qs, "--answers", a, b, c, "--out", tmp_path / "table", "--judge-url", stub.url,
+             "--judge-model", "stub", "--judge-key-env", "JUDGE_KEY", "--cache", tmp_path / "cache.jsonl",
+             "--dataset", "MT-Bench", "--judge-prompts", ROOT / "data" / "judge_prompts.jsonl"]
+    out = run("judge", *flags)
+    assert len(stub.requests) == 3 * 4 * 2 and "no verdict in the reply" in out and "sk-secret" not in out
+    rows = {(r["model"], r["opponent"]): r for r in csv.DictReader(open(tmp_path / "table.csv"))}
+    assert len(rows) == 6
+    # salsa vs ppo: q81 t1 win, t2 win; q82 t1 win, t2 error (the multi-turn prompt shows "??")
+    assert [rows["salsa", "ppo"][k] for k in ("win", "loss", "tie", "error")] == ["3", "0", "0", "1"]
+    assert [rows["ppo", "salsa"][k] for k in ("win", "loss", "tie", "error")] == ["0", "3", "0", "1"]
+    assert [rows["salsa", "sft"][k] for k in ("win", "loss", "tie", "error")] == ["3", "0", "1", "0"]
+    assert float(rows["salsa", "sft"]["adj_win_rate"]) == 87.5 and float(rows["salsa", "sft"]["win_rate"]) == 75.0
+    assert "| MT-Bench | salsa vs sft | 3 | 0 | 1 | 75.00 | 87.50 |" in (tmp_path / "table.md").read_text()
+    run("judge", *flags)
+    assert len(stub.requests) == 24  # everything answered came from the cache
+
+
+def test_local_judge_and_table_merge(tmp_path, monkeypatch):
+    """A Python scorer (longer is better) with a tie margin; a second dataset adds rows, a rerun replaces its own."""
+    (tmp_path / "length_judge.py").write_text("def score(question, answer):\n    return len(answer)\n")
+    qs = write_jsonl(tmp_path / "q.jsonl", [{"uid": "u1", "prompt": "p1"}, {"uid": "u2", "prompt": "p2"},
+                                            {"question_id": "u3", "turns": [{"content": "p3"}]}])
+    a = fastchat_answers(tmp_path / "a.jsonl", "A", {"u1": ["long answer"], "u2": ["ab"], "u3": ["abc"]})
+    b = fastchat_answers(tmp_path / "b.jsonl", "B", {"u1": ["short"], "u2": ["abcdef"], "u3": ["abcd"]})
+    flags = ["--questions", qs, "--answers", a, b, "--judge", "py:length_judge:score", "--tie-margin", "1.5",
+             "--out", tmp_path / "t"]
+    run("judge", *flags, "--dataset", "arena", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for dataset in ("uf", "arena"):
+        ev.judge(salsa.parse_args(ev.Args, [*map(str, flags), "--dataset", dataset]))
+    rows = list(csv.DictReader(open(tmp_path / "t.csv")))
+    assert [(r["dataset"], r["model"]) for r in rows] == [("uf", "A"), ("uf", "B"), ("arena", "A"), ("arena", "B")]
+    assert [rows[0][k] for k in ("win", "loss", "tie")] == ["1", "1", "1"]  # 11 vs 5, 2 vs 6, 3 vs 4 (within 1.5)
+
+
+# ---------------------------------------------------------------- answers and reward analyses
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, tok):
+    """Two tiny SFT-like models of one config, a third, and a tiny reward model (bias 0.25)."""
+    d = tmp_path_factory.mktemp("eval")
+    models = [make_tiny(d / f"sft{s}", tok, seed=s) for s in range(3)]
+    for path in models:  # a random tiny model with tied embeddings greedily repeats the prompt's last token;
+        model = AutoModelForCausalLM.from_pretrained(path)  # larger layer weights make the models answer apart
+        with torch.no_grad():
+            for name, w in model.named_parameters():
+                if "proj" in name:
+                    w.mul_(8)
+        model.save_pretrained(path)
+    rm = AutoModelForSequenceClassification.from_pretrained(models[0], num_labels=1)
+    torch.nn.init.normal_(rm.score.weight, std=1.0)
+    rm.config.pad_token_id, rm.config.reward_bias = tok.pad_token_id, 0.25
+    rm.save_pretrained(d / "rm")
+    tok.save_pretrained(d / "rm")
+    return d, models, str(d / "rm"), write_jsonl(d / "question.jsonl", MT_BENCH)
+
+
+def test_answers_format_second_turn_and_resume(lab, tok, capsys):
+    d, models, _, qs = lab
+    out = d / "answers" / "sft0.jsonl"
+    run("answer", "--model", models[0], "--questions", qs, "--out", out, "--max-new-tokens", 6, "--batch-size", 2)
+    rows = salsa.read_jsonl(out)
+    assert sorted(r["question_id"] for r in rows) == [81, 82, 83] and {r["model_id"] for r in rows} == {"sft0"}
+    assert all(len(r["choices"][0]["turns"]) == 2 and all(isinstance(t, str) for t in r["choices"][0]["turns"])
+               for r in rows)
+    second = salsa.prompt_ids(tok, ev.conversation(MT_BENCH[0]["turns"], ["FIRST ANSWER"], 1))
+    text = tok.decode(second)
+    assert text.index("haiku about rain") < text.index("FIRST ANSWER") < text.index("make it rhyme")
+    write_jsonl(out, rows[:1])  # as if killed after the first batch
+    log = run("answer", "--model", models[0], "--questions", qs, "--out", out, "--max-new-tokens", 6)
+    assert "1 questions answered before, 2 to go" in log
+    again = salsa.read_jsonl(out)
+    assert sorted(r["question_id"] for r in again) == [81, 82, 83] and again[0] == rows[0]
+    ev.answer(salsa.parse_args(ev.Args, ["--model", models[0], "--questions", qs, "--out", str(out)]))
+    assert "3 questions answered before, 0 to go" in capsys.readouterr().out
+
+
+def test_questions_in_three_formats(tmp_path):
+    arena = write_jsonl(tmp_path / "a.jsonl", [{"uid": "x1", "prompt": "hi"}, {"question_id": "x2", "turns": [{"content": "yo"}]}])
+    uf = write_jsonl(tmp_path / "u.jsonl", [{"prompt_id": "p9", "prompt": "why?", "chosen": []}])
+    assert ev.load_questions(arena, "") == [{"id": "x1", "turns": ["hi"]}, {"id": "x2", "turns": ["yo"]}]
+    assert ev.load_questions(uf, "")[0]["id"] == "p9"
+    with pytest.raises(ValueError, match="row 0"):
+        ev.load_questions(write_jsonl(tmp_path / "bad.jsonl", [{"text": "no prompt"}]), "")
+
+
+def test_alpha_line_ends_are_the_ingredients(lab, tok):
+    d, models, rm_path, qs = lab
+    args = ev.Args(models=models[:2], reward=rm_path, questions=qs, max_new_tokens=5, batch_size=2)
+    ends = ev.soup_rewards(args, [[1.0, 0.0], [0.0, 1.0]])
+    rm = salsa.load_reward_model(rm_path)
+    for path, got in zip(models[:2], ends):
+        model = salsa.load_model(path, tok).eval()
+        prompts = sorted((salsa.prompt_ids(tok, q["turns"][0]) for q in MT_BENCH), key=len)
+        answers = ev.generate(model, tok, prompts, ev.gen_config(tok, 0.0, 5), 2)
+        assert got == ev.rewards(rm, tok.pad_token_id, [p + a + [tok.eos_token_id] for p, a in zip(prompts, answers)], 2)
+    assert ends[0] != ends[1]
+
+
+def test_analyses_write_data_and_plots(lab):
+    """In process (the CLI is exercised by the tests above): each command writes its CSV and PNG."""
+    pytest.importorskip("matplotlib")
+    d, models, rm_path, qs = lab
+    common = ["--reward", rm_path, "--questions", qs, "--max-new-tokens", "4"]
+    ev.alpha_line(salsa.parse_args(ev.Args, ["--models", *models[:2], "--alphas", "0", "0.5", "1", "--out", str(d / "fig2ab"), *common]))
+    rows = list(csv.DictReader(open(d / "fig2ab" / "alpha_line.csv")))
+    assert [float(r["alpha"]) for r in rows] == [0, 0.5, 1] and all(float(r["stderr"]) > 0 for r in rows)
+    ev.plane(salsa.parse_args(ev.Args, ["--models", *models, "--grid", "2", "--margin", "0.1", "--out", str(d / "fig2c"), *common]))
+    rows = list(csv.DictReader(open(d / "fig2c" / "plane.csv")))
+    assert len(rows) == 4 and all(abs(sum(float(r[w]) for w in ("w1", "w2", "w3")) - 1) < 1e-9 for r in rows)
+    assert min(float(r["w1"]) for r in rows) < 0  # the grid reaches outside the triangle
+    a = fastchat_answers(d / "ha.jsonl", "A", {q["question_id"]: ["yes", "sure"] for q in MT_BENCH})
+    b = fastchat_answers(d / "hb.jsonl", "B", {q["question_id"]: ["no", "never"] for q in MT_BENCH})
+    ev.reward_hist(salsa.parse_args(ev.Args, ["--answers", a, b, "--reward", rm_path, "--questions", qs, "--out", str(d / "fig3")]))
+    assert len(list(csv.DictReader(open(d / "fig3" / "reward_hist.csv")))) == 2 * 3 * 2
+    for png in ("fig2ab/alpha_line.png", "fig2c/plane.png", "fig3/reward_hist.png"):
+        assert (d / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plots_are_optional(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    ev.plot(tmp_path / "x.png", lambda plt: None)
+    assert "pip install matplotlib" in capsys.readouterr().out and not (tmp_path / "x.png").exists()
