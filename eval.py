@@ -31,7 +31,6 @@ import os
 import random
 import re
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -48,7 +47,7 @@ from soup import check_ingredients, read_tensor, soup_state_dicts
 
 @dataclass
 class Args:
-    questions: str = salsa.arg("", "questions: MT-Bench, Arena-Hard or prompt rows (.jsonl/.json/.parquet), or a hub dataset")
+    questions: str = salsa.arg("", "MT-Bench, Arena-Hard or prompt rows (.jsonl/.json/.parquet), or a hub dataset")
     split: str = salsa.arg("test_prefs", "dataset split of a hub --questions (UltraFeedback's test split, §4)")
     limit: int = salsa.arg(0, "use only the first N questions (0 = all)")
     out: str = salsa.arg("", "answer: answers .jsonl (resumed); judge: table path without suffix; analyses: a dir")
@@ -122,20 +121,17 @@ def prompt_ids(tok, prompt, max_len: int, where: str) -> list[int]:
     return ids[-max_len:]
 
 
-def gen_config(tok, temperature: float, max_new_tokens: int):
-    """A fresh config, so no warper from the model's generation_config.json changes the answers."""
-    from transformers import GenerationConfig
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else dict(do_sample=False)
-    return GenerationConfig(**sampling, max_new_tokens=max_new_tokens, use_cache=True,
-                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-
-
 @torch.no_grad()
-def generate(model, tok, prompts: list[list[int]], cfg, batch_size: int) -> list[list[int]]:
-    """Answer token ids, up to (without) the first EOS; batched with left padding, KV cache on."""
-    out, eos = [], tok.eos_token_id
-    for i in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False, disable=len(prompts) <= batch_size):
-        ids, mask = salsa.pad(prompts[i:i + batch_size], tok.pad_token_id, device=model.device)  # (B, P)
+def generate(model, tok, prompts: list[list[int]], args: Args) -> list[list[int]]:
+    """Answer token ids, up to (without) the first EOS; batched with left padding, KV cache on. The config
+    is built fresh, so no warper from the model's generation_config.json changes the answers."""
+    from transformers import GenerationConfig
+    sampling = dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0) if args.temperature else {}
+    cfg = GenerationConfig(**sampling, max_new_tokens=args.max_new_tokens, use_cache=True,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    out, eos, n = [], tok.eos_token_id, args.batch_size
+    for i in tqdm(range(0, len(prompts), n), desc="generate", leave=False, disable=len(prompts) <= n):
+        ids, mask = salsa.pad(prompts[i:i + n], tok.pad_token_id, device=model.device)  # (B, P)
         seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)  # (B, P + R)
         out += [r[:r.index(eos)] if eos in r else r for r in seq[:, ids.shape[1]:].tolist()]
     return out
@@ -163,7 +159,6 @@ def answer(args: Args):
         return
     tok = salsa.load_tokenizer(args.model)
     model = salsa.load_model(args.model, tok, args.dtype, args.attn, salsa.setup_dist(args.seed).device).eval()
-    cfg = gen_config(tok, args.temperature, args.max_new_tokens)
     todo.sort(key=lambda q: len(q["turns"][0]))  # similar lengths share a batch: less padding
     out.parent.mkdir(parents=True, exist_ok=True)
     for i in tqdm(range(0, len(todo), args.batch_size), desc=f"answer {model_id}"):
@@ -173,7 +168,7 @@ def answer(args: Args):
             rows = [j for j, q in enumerate(chunk) if k < len(q["turns"])]
             prompts = [prompt_ids(tok, conversation(chunk[j]["turns"], turns[j], k), args.max_prompt_len,
                                   f"{args.questions} question {chunk[j]['id']} turn {k + 1}") for j in rows]
-            for j, ids in zip(rows, generate(model, tok, prompts, cfg, args.batch_size)):
+            for j, ids in zip(rows, generate(model, tok, prompts, args)):
                 turns[j].append(tok.decode(ids, skip_special_tokens=True).strip())
         for q, t in zip(chunk, turns):
             salsa.log_jsonl(out, {"question_id": q["id"], "model_id": model_id,
@@ -218,21 +213,17 @@ def call_api(url: str, model: str, key: str | None, system: str, user: str, args
         {"role": "system", "content": system}, {"role": "user", "content": user}]}).encode()
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     for attempt in range(args.retries + 1):
-        wait = args.backoff * 2**attempt * (1 + random.random())  # jitter: threads do not retry in lockstep
         try:
             with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=args.timeout) as r:
                 raw = r.read()
             break
-        except urllib.error.HTTPError as e:
-            if e.code != 429 and e.code < 500:
+        except (OSError, http.client.HTTPException) as e:  # HTTP errors, timeouts, refused or dropped connections
+            if isinstance(e, urllib.error.HTTPError) and e.code != 429 and e.code < 500:  # no retry can help
                 raise RuntimeError(f"{url}: HTTP {e.code} {e.reason}: check --judge-url, --judge-model "
                                    f"and ${args.judge_key_env}") from None
-            error, wait = f"HTTP {e.code}", max(wait, float(e.headers.get("Retry-After") or 0))
-        except (OSError, http.client.HTTPException) as e:  # timeouts, refused or dropped connections
-            error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-        if attempt == args.retries:
-            raise JudgeError(f"gave up after {args.retries + 1} tries, last: {error}")
-        time.sleep(wait)
+            if attempt == args.retries:
+                raise JudgeError(f"gave up after {attempt + 1} tries, last: {type(e).__name__}: {e}") from None
+            time.sleep(args.backoff * 2**attempt * (1 + random.random()))  # jitter: threads do not retry in lockstep
     try:
         return json.loads(raw)["choices"][0]["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError):
@@ -244,58 +235,58 @@ def judge_api(args: Args, games: dict) -> dict:
     A reply with no verdict was paid for: it is cached and stays an error (delete its line to ask again)."""
     url = args.judge_url.rstrip("/")
     url += "" if url.endswith("/chat/completions") else "/chat/completions"
-    api_key, lock, cache = os.environ.get(args.judge_key_env), threading.Lock(), {}
     text = Path(args.cache).read_text() if Path(args.cache).exists() else ""
+    cache = {}
     for line in text.splitlines():
         try:
             r = json.loads(line)
         except ValueError:  # the line a killed run was writing
             continue
         cache[r["key"]] = r["judgment"]
-    if not text.endswith("\n") and text:  # what we append must not extend that cut line
+    Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
+    if text and not text.endswith("\n"):  # what we append must not extend that cut line
         with open(args.cache, "a") as fh:
             fh.write("\n")
-    Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
     keys = {g: hashlib.sha256(json.dumps([args.judge_model, *p]).encode()).hexdigest() for g, p in games.items()}
-
-    def one(game):
-        reply = call_api(url, args.judge_model, api_key, *games[game], args)
-        with lock:
-            cache[keys[game]] = reply
-            salsa.log_jsonl(args.cache, {"key": keys[game], "judge": args.judge_model, "game": game, "judgment": reply})
-
     todo = list({keys[g]: g for g in games if keys[g] not in cache}.values())  # identical prompts asked once
     print(f"judge: {len(games) - len(todo)} of {len(games)} judgments cached, {len(todo)} to ask {args.judge_model}")
-    failed = {}
-    with ThreadPoolExecutor(args.concurrency) as pool:
-        futures = {pool.submit(one, g): g for g in todo}
+    pool = ThreadPoolExecutor(args.concurrency)
+    futures = {pool.submit(call_api, url, args.judge_model, os.environ.get(args.judge_key_env), *games[g], args): g
+               for g in todo}
+    try:
         for f in tqdm(as_completed(futures), total=len(futures), desc="judge"):
+            game = futures[f]
             try:
-                f.result()
+                cache[keys[game]] = f.result()
             except JudgeError as e:
-                failed[futures[f]] = str(e)
-            except BaseException:  # a bad key or URL fails every request: stop, keep what is cached
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-    for game, why in list(failed.items())[:5]:
-        print(f"judge error on {game}: {why}")
+                tqdm.write(f"judge error on {game}: {e}")
+                continue
+            salsa.log_jsonl(args.cache, {"key": keys[game], "judge": args.judge_model, "game": game,
+                                         "judgment": cache[keys[game]]})
+    finally:  # a bad key or URL fails every request, Ctrl-C stops the run: ask nothing more
+        pool.shutdown(wait=False, cancel_futures=True)
     return {g: cache.get(keys[g]) for g in games}
 
 
-def local_scores(args: Args, prompts: list, answers: list[str]) -> list[float]:
-    """Scores of a reward model (rm:DIR) or a Python function (py:module:function of (question, answer))."""
+def local_scores(args: Args, runs: dict, units: list) -> dict:
+    """{model_id: score of each unit's answer} from a reward model (rm:DIR) or a Python function
+    (py:module:function of (question, answer)). A local judge is blind to the order of a pair."""
+    flat = [(ans, qid, turns, k) for ans in runs.values() for qid, turns, k in units]
+    prompts, answers = [conversation(t, ans[qid], k) for ans, qid, t, k in flat], [ans[q][k] for ans, q, _, k in flat]
     kind, _, spec = args.judge.partition(":")
     if kind == "py":
         sys.path.insert(0, os.getcwd())
         module, _, name = spec.partition(":")
-        return [float(getattr(importlib.import_module(module), name)(p, a)) for p, a in zip(prompts, answers)]
-    if kind != "rm":
+        s = [float(getattr(importlib.import_module(module), name)(p, a)) for p, a in zip(prompts, answers)]
+    elif kind == "rm":
+        device = salsa.setup_dist(args.seed).device
+        tok, rm = salsa.load_tokenizer(spec), salsa.load_reward_model(spec, args.dtype, args.attn, device)
+        seqs = [prompt_ids(tok, p, args.max_prompt_len, f"answer {i}") + tok(a, add_special_tokens=False)["input_ids"]
+                + [tok.eos_token_id] for i, (p, a) in enumerate(zip(prompts, answers))]
+        s = rewards(rm, tok.pad_token_id, seqs, args.batch_size)
+    else:
         raise ValueError(f"--judge {args.judge}: expected api, rm:DIR or py:module:function")
-    device = salsa.setup_dist(args.seed).device
-    tok, rm = salsa.load_tokenizer(spec), salsa.load_reward_model(spec, args.dtype, args.attn, device)
-    seqs = [prompt_ids(tok, p, args.max_prompt_len, f"answer {i}") + tok(a, add_special_tokens=False)["input_ids"]
-            + [tok.eos_token_id] for i, (p, a) in enumerate(zip(prompts, answers))]
-    return rewards(rm, tok.pad_token_id, seqs, args.batch_size)
+    return {m: s[i * len(units):(i + 1) * len(units)] for i, m in enumerate(runs)}
 
 
 def summary(outcomes: list[str], n_boot: int, seed: int) -> dict:
@@ -312,16 +303,15 @@ def summary(outcomes: list[str], n_boot: int, seed: int) -> dict:
 
 def write_table(out: str, new: list[dict]):
     """CSV and Markdown like the paper's Tables 2-5; rows of other datasets and pairs already there are kept."""
-    path = Path(f"{out}.csv")
-    done = {(r["dataset"], r["model"], r["opponent"]) for r in new}
+    path, done = Path(f"{out}.csv"), {(r["dataset"], r["model"], r["opponent"]) for r in new}
     old = list(csv.DictReader(open(path))) if path.exists() else []
-    rows = [r for r in old if (r["dataset"], r["model"], r["opponent"]) not in done]
-    write_csv(path, rows + new)
+    rows = [r for r in old if (r["dataset"], r["model"], r["opponent"]) not in done] + new
+    write_csv(path, rows)
     lines = ["| Dataset | Comparison | Win | Loss | Tie | Win Rate | Adj. Win Rate | Adj. 95% CI | Errors |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['dataset']} | {r['model']} vs {r['opponent']} | {r['win']} | {r['loss']} | {r['tie']} | "
               f"{float(r['win_rate']):.2f} | {float(r['adj_win_rate']):.2f} | "
-              f"[{float(r['ci_low']):.2f}, {float(r['ci_high']):.2f}] | {r['error']} |" for r in rows + new]
+              f"[{float(r['ci_low']):.2f}, {float(r['ci_high']):.2f}] | {r['error']} |" for r in rows]
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -332,31 +322,26 @@ def judge(args: Args):
     if len(runs) < 2 or len(runs) < len(args.answers):
         raise ValueError(f"--answers {' '.join(args.answers)}: give answers of two or more models, distinct model_ids")
     units = [(str(q["id"]), q["turns"], k) for q in questions for k in range(len(q["turns"]))]  # MT-Bench: 160
-    pairs = list(itertools.combinations(runs, 2))
+    # every pair in both orders: a table row for each model's view, like the paper's
+    pairs = [(x, y) for a, b in itertools.combinations(runs, 2) for x, y in ((a, b), (b, a))]
     if args.judge == "api":
         templates = {t["name"]: t for t in salsa.read_jsonl(args.judge_prompts)}
-        games = {(x, y, qid, k): judge_prompt(templates, turns, runs[x][qid], runs[y][qid], k)
-                 for a, b in pairs for x, y in ((a, b), (b, a)) for qid, turns, k in units}
+        games = {(a, b, qid, k): judge_prompt(templates, turns, runs[a][qid], runs[b][qid], k)
+                 for a, b in pairs for qid, turns, k in units}
         replies = judge_api(args, games)
         verdict = {g: parse_verdict(t) if t is not None else "error" for g, t in replies.items()}
         for g in [g for g, t in replies.items() if t is not None and verdict[g] == "error"][:5]:
             print(f"no verdict in the reply to {g}: ...{replies[g][-200:]!r}")
         outcome = {(a, b): [pair_outcome(verdict[a, b, qid, k], verdict[b, a, qid, k]) for qid, _, k in units]
                    for a, b in pairs}
-    else:  # a local judge is blind to the order: one score per answer, compared
-        flat = [(ans, qid, turns, k) for ans in runs.values() for qid, turns, k in units]
-        s = local_scores(args, [conversation(t, ans[qid], k) for ans, qid, t, k in flat], [ans[q][k] for ans, q, _, k in flat])
-        score = {m: s[i * len(units):(i + 1) * len(units)] for i, m in enumerate(runs)}
+    else:
+        score = local_scores(args, runs, units)
         outcome = {(a, b): ["win" if x - y > args.tie_margin else "loss" if y - x > args.tie_margin else "tie"
                             for x, y in zip(score[a], score[b])] for a, b in pairs}
     dataset = args.dataset or (Path(args.questions).parent.name if Path(args.questions).exists() else args.questions)
-    flip = {"win": "loss", "loss": "win", "tie": "tie", "error": "error"}
-    rows = []
-    for (a, b), o in outcome.items():  # two rows per pair, each model's view, like the paper
-        for model, opponent, view in ((a, b, o), (b, a, [flip[v] for v in o])):
-            rows.append({"dataset": dataset, "model": model, "opponent": opponent, "judge": args.judge_model
-                         if args.judge == "api" else args.judge, **summary(view, args.bootstrap, args.seed)})
-    write_table(args.out, rows)
+    name = args.judge_model if args.judge == "api" else args.judge
+    write_table(args.out, [{"dataset": dataset, "model": a, "opponent": b, "judge": name,
+                            **summary(o, args.bootstrap, args.seed)} for (a, b), o in outcome.items()])
 
 
 # ---------------------------------------------------------------- reward analyses (§4.2)
@@ -370,20 +355,20 @@ def soup_rewards(args: Args, weights: list[list[float]]) -> list[list[float]]:
     rm = salsa.load_reward_model(args.reward, args.dtype, args.attn, device)
     prompts = sorted((prompt_ids(tok, q["turns"][0], args.max_prompt_len, f"{args.questions} question {q['id']}")
                       for q in load_questions(args.questions, args.split, args.limit)), key=len)
-    cfg, out = gen_config(tok, args.temperature, args.max_new_tokens), []
+    out = []
     for w in tqdm(weights, desc="soups"):
         missing, unexpected = model.load_state_dict(soup_state_dicts(states, w), strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:  # a tied lm_head is saved once, as the embedding
             raise ValueError(f"{args.models[0]}: saved tensors do not match the model: {missing} {unexpected}")
-        answers = generate(model, tok, prompts, cfg, args.batch_size)
+        answers = generate(model, tok, prompts, args)
         out.append(rewards(rm, tok.pad_token_id, [p + a + [tok.eos_token_id] for p, a in zip(prompts, answers)],
                            args.batch_size))
     return out
 
 
-def mean_se(x: list[float]) -> tuple[float, float]:
+def reward_stats(x: list[float]) -> dict:
     t = torch.tensor(x, dtype=torch.float64)
-    return t.mean().item(), (t.std() / len(t) ** 0.5).item() if len(t) > 1 else 0.0
+    return {"mean_reward": t.mean().item(), "stderr": (t.std() / len(t) ** 0.5).item() if len(t) > 1 else 0.0}
 
 
 def write_csv(path: Path, rows: list[dict]):
@@ -414,7 +399,7 @@ def alpha_line(args: Args):
     if len(args.models) != 2:
         raise ValueError("alpha-line needs --models REF OTHER (soup = (1 - alpha) REF + alpha OTHER, eq. 3)")
     r = soup_rewards(args, [[1 - a, a] for a in args.alphas])
-    rows = [{"alpha": a, "mean_reward": m, "stderr": se, "n": len(x)} for a, x in zip(args.alphas, r) for m, se in [mean_se(x)]]
+    rows = [{"alpha": a, **reward_stats(x), "n": len(x)} for a, x in zip(args.alphas, r)]
     write_csv(Path(args.out, "alpha_line.csv"), rows)
 
     def draw(plt):
@@ -434,8 +419,8 @@ def plane(args: Args):
     ys = torch.linspace(-args.margin, h + args.margin, args.grid, dtype=torch.float64).tolist()
     pts = [(x, y) for y in ys for x in xs]  # rows of constant y, as imshow reads them
     weights = [[1 - x - y / (2 * h), x - y / (2 * h), y / h] for x, y in pts]
-    rows = [{"x": x, "y": y, "w1": w[0], "w2": w[1], "w3": w[2], "mean_reward": m, "stderr": se}
-            for (x, y), w, r in zip(pts, weights, soup_rewards(args, weights)) for m, se in [mean_se(r)]]
+    rows = [{"x": x, "y": y, "w1": w[0], "w2": w[1], "w3": w[2], **reward_stats(r)}
+            for (x, y), w, r in zip(pts, weights, soup_rewards(args, weights))]
     write_csv(Path(args.out, "plane.csv"), rows)
 
     def draw(plt):
@@ -451,16 +436,17 @@ def plane(args: Args):
 def reward_hist(args: Args):
     """Fig. 3: the reward of every answered turn of each model, as overlaid histograms with their means."""
     questions = load_questions(args.questions, args.split, args.limit)
-    flat = [(name, ans, q, k) for name, ans in (load_answers(p, questions) for p in args.answers)
-            for q in questions for k in range(len(q["turns"]))]
+    runs = dict(load_answers(p, questions) for p in args.answers)  # {model_id: {question id: turns}}
+    if len(runs) < len(args.answers):
+        raise ValueError(f"--answers {' '.join(args.answers)}: give answers of distinct models (model_id)")
+    units = [(str(q["id"]), q["turns"], k) for q in questions for k in range(len(q["turns"]))]
     args.judge = f"rm:{args.reward}"
-    s = local_scores(args, [conversation(q["turns"], ans[str(q["id"])], k) for _, ans, q, k in flat],
-                     [ans[str(q["id"])][k] for _, ans, q, k in flat])
-    rows = [{"model": name, "question_id": q["id"], "turn": k + 1, "reward": v} for (name, _, q, k), v in zip(flat, s)]
+    rows = [{"model": name, "question_id": qid, "turn": k + 1, "reward": v}
+            for name, s in local_scores(args, runs, units).items() for (qid, _, k), v in zip(units, s)]
     write_csv(Path(args.out, "reward_hist.csv"), rows)
 
     def draw(plt):
-        for name in dict.fromkeys(r["model"] for r in rows):
+        for name in runs:
             x = [r["reward"] for r in rows if r["model"] == name]
             mean = plt.axvline(sum(x) / len(x), linestyle="--")
             plt.hist(x, bins=30, alpha=0.5, color=mean.get_color(), label=f"{name} (mean {sum(x) / len(x):.3f})")

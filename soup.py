@@ -18,7 +18,6 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -41,7 +40,8 @@ COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_
 class Args:
     models: list[str] = salsa.arg([], "ingredient model directories, fine-tuned from one base; the first is theta_ref (eq. 3)")
     out: str = salsa.arg("", "output model directory; must not exist")
-    alpha: Optional[float] = salsa.arg(None, "two models: (1-alpha) theta_ref + alpha theta_other; unset = uniform = 0.5, the paper's best (Fig. 2a/b)")
+    alpha: float | None = salsa.arg(None, "two models: (1-alpha) theta_ref + alpha theta_other; "
+                                          "unset = uniform = 0.5, the paper's best (Fig. 2a/b)")
     weights: list[float] = salsa.arg([], "explicit weights, one per model, summing to 1")
     extrapolate: bool = salsa.arg(False, "allow weights outside [0, 1] (the plane of Fig. 2c extends past the triangle)")
     greedy: bool = salsa.arg(False, "greedy soup (Wortsman et al. 2022) scored by held-out SFT loss on --eval-data")
@@ -55,16 +55,16 @@ class Args:
 # ---------------------------------------------------------------- ingredients
 def read_layout(path: str) -> dict[str, tuple[str, str, list[int]]]:
     """{tensor: (file, safetensors dtype, shape)} of an HF model directory, one file or sharded."""
-    p, index = Path(path), Path(path, "model.safetensors.index.json")
+    index = Path(path, "model.safetensors.index.json")
     names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     layout = {}
-    for name in names:
-        with safe_open(p / name, "pt") as f:
+    for file in [str(Path(path, name)) for name in names]:
+        with safe_open(file, "pt") as f:
             for key in f.keys():
-                s = f.get_slice(key)
-                if s.get_dtype() not in DTYPES:
-                    raise ValueError(f"{p / name}: tensor {key} has dtype {s.get_dtype()}, which soup.py cannot read")
-                layout[key] = (str(p / name), s.get_dtype(), s.get_shape())
+                dtype = f.get_slice(key).get_dtype()
+                if dtype not in DTYPES:
+                    raise ValueError(f"{file}: tensor {key} has dtype {dtype}, which soup.py cannot read")
+                layout[key] = (file, dtype, f.get_slice(key).get_shape())
     return layout
 
 
@@ -76,17 +76,20 @@ def read_tensor(file: str, key: str, rows: slice | None = None) -> torch.Tensor:
 
 
 def check_same(specs: list[dict], names: list[str]):
-    """Raise, naming the tensor and both values, unless every ingredient has the first one's tensors
-    with the same (dtype, shape)."""
+    """Raise, naming the tensor and both values, unless each spec {tensor: (dtype, shape, value or None if float)}
+    has the first one's tensors, dtypes, shapes and non-float values (those are copied, not averaged)."""
     for spec, name in zip(specs[1:], names[1:]):
         for key in sorted(specs[0].keys() ^ spec.keys()):
             has, lacks = (names[0], name) if key in specs[0] else (name, names[0])
             raise ValueError(f"{lacks}: tensor {key} is missing ({has} has it): soup models of one architecture")
-        for key, (dtype, shape) in specs[0].items():
+        for key, (dtype, shape, value) in specs[0].items():
             for what, mine, theirs in (("shape", spec[key][1], shape), ("dtype", spec[key][0], dtype)):
                 if mine != theirs:
                     raise ValueError(f"{name}: tensor {key} has {what} {mine}, {names[0]} has {theirs}: "
                                      "soup models fine-tuned from one base, saved in one dtype")
+            if value is not None and not torch.equal(value, spec[key][2]):
+                raise ValueError(f"{name}: buffer {key} differs from {names[0]}'s; non-float tensors are copied, "
+                                 "not averaged")
 
 
 def check_ingredients(paths: list[str]) -> list[dict]:
@@ -94,19 +97,14 @@ def check_ingredients(paths: list[str]) -> list[dict]:
     buffers differ from the first's. Reads only headers, configs, tokenizers and buffers."""
     from transformers import AutoTokenizer
     layouts = [read_layout(p) for p in paths]
-    check_same([{k: v[1:] for k, v in layout.items()} for layout in layouts], paths)
+    check_same([{k: (dtype, shape, None if DTYPES[dtype].is_floating_point else read_tensor(file, k))
+                 for k, (file, dtype, shape) in layout.items()} for layout in layouts], paths)
     vocabs = [(json.loads(Path(p, "config.json").read_text())["vocab_size"], len(AutoTokenizer.from_pretrained(p)))
               for p in paths]
     for p, vocab in zip(paths[1:], vocabs[1:]):
         if vocab != vocabs[0]:
             raise ValueError(f"{p}: (config vocab_size, tokenizer length) = {vocab}, {paths[0]} has {vocabs[0]}: "
                              "soup models with one vocabulary")
-    for key, (file, dtype, _) in layouts[0].items():
-        if not DTYPES[dtype].is_floating_point:
-            first = read_tensor(file, key)
-            for p, layout in zip(paths[1:], layouts[1:]):
-                if not torch.equal(first, read_tensor(layout[key][0], key)):
-                    raise ValueError(f"{p}: buffer {key} differs from {paths[0]}'s; non-float tensors are copied, not averaged")
     return layouts
 
 
@@ -143,15 +141,10 @@ def soup_state_dicts(state_dicts: list[dict], weights: list[float]) -> dict:
     reward plane goes outside the triangle); non-float tensors must be equal and are copied."""
     if len(state_dicts) != len(weights) or not all(math.isfinite(w) for w in weights):
         raise ValueError(f"need one finite weight per state dict, got {weights} for {len(state_dicts)}")
-    names = [f"state dict {i}" for i in range(len(state_dicts))]
-    check_same([{k: (t.dtype, list(t.shape)) for k, t in sd.items()} for sd in state_dicts], names)
-    soup = {}
-    for key, t in state_dicts[0].items():
-        ts = [sd[key] for sd in state_dicts]
-        if not t.is_floating_point() and not all(torch.equal(t, x) for x in ts):
-            raise ValueError(f"buffer {key} differs between state dicts; non-float tensors are copied, not averaged")
-        soup[key] = average(ts, weights) if t.is_floating_point() else t.clone()
-    return soup
+    check_same([{k: (t.dtype, list(t.shape), None if t.is_floating_point() else t) for k, t in sd.items()}
+                for sd in state_dicts], [f"state dict {i}" for i in range(len(state_dicts))])
+    return {key: average([sd[key] for sd in state_dicts], weights) if t.is_floating_point() else t.clone()
+            for key, t in state_dicts[0].items()}
 
 
 def load_soup(paths: list[str], weights: list[float], tok=None, dtype: str = "float32", device="cpu"):
@@ -162,25 +155,14 @@ def load_soup(paths: list[str], weights: list[float], tok=None, dtype: str = "fl
     model = salsa.load_model(paths[0], tok, dtype=dtype, device=device)
     missing, unexpected = model.load_state_dict(soup, strict=False)
     params = model.state_dict()
-    loaded = {params[k].data_ptr() for k in soup}
-    if unexpected or any(params[k].data_ptr() not in loaded for k in missing):  # tied lm_head is fine
+    if unexpected or {params[k].data_ptr() for k in missing} - {params[k].data_ptr() for k in soup}:  # tied: fine
         raise ValueError(f"{paths[0]}: soup tensors do not match the model: missing {missing}, unexpected {unexpected}")
     return model
 
 
 # ---------------------------------------------------------------- streaming
 def nbytes(spec: tuple) -> int:
-    _, dtype, shape = spec
-    return math.prod(shape) * DTYPES[dtype].itemsize
-
-
-def soup_chunks(key: str, layouts: list[dict], weights: list[float]):
-    """The soup of tensor `key`, chunk of rows by chunk of rows, in the inputs' dtype."""
-    _, dtype, shape = layouts[0][key]
-    step = max(1, CHUNK // max(1, math.prod(shape[1:])))
-    for rows in [slice(a, a + step) for a in range(0, shape[0], step)] if shape else [None]:
-        parts = [read_tensor(layout[key][0], key, rows) for layout in layouts]
-        yield average(parts, weights) if DTYPES[dtype].is_floating_point else parts[0]  # buffers: checked equal
+    return math.prod(spec[2]) * DTYPES[spec[1]].itemsize  # spec: (file, dtype, shape)
 
 
 def write_shard(file: str, keys: list[str], layouts: list[dict], weights: list[float], bar):
@@ -197,10 +179,13 @@ def write_shard(file: str, keys: list[str], layouts: list[dict], weights: list[f
     with open(file, "wb") as fh:
         fh.write(struct.pack("<Q", len(blob)) + blob)
         for key in keys:
-            for chunk in soup_chunks(key, layouts, weights):
+            _, dtype, shape = layouts[0][key]
+            step = max(1, CHUNK // max(1, math.prod(shape[1:])))  # whole rows per chunk
+            for rows in [slice(a, a + step) for a in range(0, shape[0], step)] if shape else [None]:
+                parts = [read_tensor(layout[key][0], key, rows) for layout in layouts]
+                chunk = average(parts, weights) if DTYPES[dtype].is_floating_point else parts[0]  # buffers: checked equal
                 fh.write(chunk.contiguous().reshape(-1).view(torch.uint8).numpy())
             bar.update()
-    return offset
 
 
 def stream_soup(paths: list[str], weights: list[float], out: str, shard_size: int = 2 * 10**9):
@@ -218,12 +203,12 @@ def stream_soup(paths: list[str], weights: list[float], out: str, shard_size: in
 
     def write(tmp):
         with tqdm(total=len(keys), desc="soup", unit="tensor") as bar:
-            total = sum(write_shard(os.path.join(tmp, name), shard, layouts, weights, bar)
-                        for name, shard in zip(names, shards))
+            for name, shard in zip(names, shards):
+                write_shard(os.path.join(tmp, name), shard, layouts, weights, bar)
         if len(shards) > 1:
-            weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
-            Path(tmp, "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            index = {"metadata": {"total_size": sum(nbytes(spec) for spec in layouts[0].values())},
+                     "weight_map": {key: name for name, shard in zip(names, shards) for key in shard}}
+            Path(tmp, "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         for name in COPIED:
             if Path(paths[0], name).exists():
                 shutil.copy(Path(paths[0], name), tmp)
@@ -253,10 +238,9 @@ def sft_loss(model, batches) -> float:
     total, count = 0.0, 0
     for ids, mask, labels in batches:
         hidden = salsa.hidden_states(model, ids, mask)  # (B, T, d)
-        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-        logp, _ = salsa.token_logprobs(model, hidden[:, :-1], targets.clamp(min=0))
-        total -= logp[targets != -100].sum().item()
-        count += (targets != -100).sum().item()
+        keep = labels[:, 1:] != -100  # (B, T-1): the state at t predicts token t+1
+        logp, _ = salsa.token_logprobs(model, hidden[:, :-1][keep], labels[:, 1:][keep])  # (N,)
+        total, count = total - logp.sum().item(), count + keep.sum().item()
     return total / count
 
 

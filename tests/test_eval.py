@@ -316,7 +316,7 @@ def test_alpha_line_ends_are_the_ingredients(lab, tok):
     for path, got in zip(models[:2], ends):
         model = salsa.load_model(path, tok).eval()
         prompts = sorted((salsa.prompt_ids(tok, q["turns"][0]) for q in MT_BENCH), key=len)
-        answers = ev.generate(model, tok, prompts, ev.gen_config(tok, 0.0, 5), 2)
+        answers = ev.generate(model, tok, prompts, args)
         assert got == ev.rewards(rm, tok.pad_token_id, [p + a + [tok.eos_token_id] for p, a in zip(prompts, answers)], 2)
     assert ends[0] != ends[1]
 
