@@ -2,7 +2,7 @@
 
     python ppo.py --ref soup --soup-models runs/sft-seed1 runs/sft-seed2 --reward runs/rm --out runs/salsa
     python ppo.py --ref sft --model runs/sft-seed1 --reward runs/rm --out runs/ppo
-    torchrun --nproc_per_node 8 ppo.py --ref soup ...        (FSDP, see README)
+    torchrun --nproc_per_node 8 ppo.py --ref soup ...        (FSDP2 via salsa.distribute; see README)
 
 The objective per prompt x and sampled response y (the only thing SALSA changes is the reference):
     --ref sft   eq. 2:  R(x,y) - β·KL(π‖π_sft)                         (plain PPO)
@@ -100,6 +100,9 @@ class PolicyWithValue(nn.Module):
         logp, entropy = salsa.token_logprobs(self.lm, h, ids[:, n_prompt:], temperature)
         return logp, entropy, self.v_head(h).squeeze(-1).float()
 
+    def generate(self, **kw):  # sampling goes through the FSDP root too: salsa.shard registers this as a forward
+        return self.lm.generate(**kw)
+
 
 def ref_logprobs(model, ids, mask, n_prompt: int, temperature: float):
     h = salsa.hidden_states(model, ids, mask)[:, n_prompt - 1:-1]  # (B, R, d)
@@ -145,9 +148,11 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum()
 
 
-def whiten(x, mask, shift_mean=True):
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask) * mask.sum() / (mask.sum() - 1).clamp(min=1)  # unbiased
+def whiten(x, mask, shift_mean=True, dist=salsa.Dist()):
+    """Zero mean, unit variance over the real tokens of every rank's batch."""
+    n = salsa.all_sum(mask.sum(), dist)
+    mean = salsa.all_sum((x * mask).sum(), dist) / n
+    var = salsa.all_sum(((x - mean) ** 2 * mask).sum(), dist) / (n - 1).clamp(min=1)  # unbiased
     white = (x - mean) * torch.rsqrt(var + 1e-8)
     return (white if shift_mean else white + mean) * mask
 
@@ -179,13 +184,15 @@ def generation_config(tok, temperature: float, max_new_tokens: int):
 
 
 @torch.no_grad()
-def rollout(lm, prompt, prompt_mask, gen_cfg, synced: bool):
+def rollout(model, prompt, prompt_mask, gen_cfg, synced: bool):
     """Sample responses to left-padded prompts (B, P); returns the sequences (B, P + R) with every
     token after a response's first EOS replaced by pad, their mask, the response mask (B, R) and
-    whether each response stopped (B,). `synced` keeps ranks stepping until all have finished."""
-    lm.eval()
+    whether each response stopped (B,). `synced` keeps ranks stepping until all have finished;
+    under FSDP the weights are gathered once for the whole call."""
+    model.eval()
     P = prompt.shape[1]
-    seq = lm.generate(input_ids=prompt, attention_mask=prompt_mask, generation_config=gen_cfg, synced_gpus=synced)
+    with salsa.gathered(model):
+        seq = model.generate(input_ids=prompt, attention_mask=prompt_mask, generation_config=gen_cfg, synced_gpus=synced)
     resp_mask, has_eos = response_mask(seq[:, P:], gen_cfg.eos_token_id)  # (B, R), (B,)
     seq = torch.cat([prompt, seq[:, P:].masked_fill(resp_mask == 0, gen_cfg.pad_token_id)], 1)
     return seq, torch.cat([prompt_mask, resp_mask], 1), resp_mask, has_eos
@@ -213,9 +220,9 @@ def load_prompts(args, tok) -> list[list[int]]:
     return prompts
 
 
-def load_references(args, tok, device):
+def load_references(args, tok, dist):
     """[(model, weight)]: the frozen models whose weighted per-token KLs form the penalty."""
-    kw = dict(dtype=args.dtype, attn=args.attn, device=device)
+    kw = dict(dtype=args.dtype, attn=args.attn, device=dist.device, dist=dist)
     if args.ref == "sft":
         refs = [(salsa.load_model(args.model, tok, **kw), 1.0)]
     elif args.ref == "mkl":  # eq. 5: β/2·[KL(π‖π_ref) + KL(π‖π_other)]
@@ -226,7 +233,7 @@ def load_references(args, tok, device):
         from soup import load_soup
         n = len(args.soup_models)
         weights = [1 - args.alpha, args.alpha] if n == 2 else [1 / n] * n
-        refs = [(load_soup(args.soup_models, weights, tok, dtype=args.dtype, device=device), 1.0)]
+        refs = [(salsa.distribute(lambda: load_soup(args.soup_models, weights, tok, dtype=args.dtype), dist), 1.0)]
     for model, _ in refs:
         model.eval().requires_grad_(False)
     return refs
@@ -247,15 +254,20 @@ def check_args(args):
             raise SystemExit(f"{path}: no such model directory")
 
 
-def save_policy(path, policy, tok, files=None):
-    """The policy as a plain HF directory (transformers loads it) plus value_head.safetensors."""
+def save_policy(path, policy, tok, dist, files=None):
+    """The policy as a plain HF directory (transformers loads it) plus value_head.safetensors.
+    Every rank calls it (FSDP gathers the weights); rank 0 writes."""
+    state = salsa.full_state_dict(policy, dist)
+    part = lambda prefix: {k.removeprefix(prefix): v.contiguous() for k, v in state.items() if k.startswith(prefix)}
+
     def write(tmp):
-        policy.lm.save_pretrained(tmp, safe_serialization=True)
+        policy.lm.save_pretrained(tmp, safe_serialization=True, state_dict=part("lm."))
         tok.save_pretrained(tmp)
-        save_file({k: v.contiguous() for k, v in policy.v_head.state_dict().items()}, f"{tmp}/value_head.safetensors")
+        save_file(part("v_head."), f"{tmp}/value_head.safetensors")
         for name, obj in (files or {}).items():
             Path(tmp, name).write_text(json.dumps(obj, indent=1))
-    salsa.save_atomic(path, write)
+    if dist.main:
+        salsa.save_atomic(path, write)
 
 
 def main(args: Args):
@@ -271,10 +283,14 @@ def main(args: Args):
                          f"--minibatches {args.minibatches}, then into --micro-batch {args.micro_batch} rows")
     steps = args.steps or len(prompts) // args.batch_size
 
-    kw = dict(dtype=args.dtype, attn=args.attn, device=dist.device)
+    kw = dict(dtype=args.dtype, attn=args.attn, device=dist.device, dist=dist)
     resume_from = salsa.latest_checkpoint(ckpt_dir) if args.resume else None
-    policy = PolicyWithValue(salsa.load_model(resume_from or args.model, tok, **kw)).to(dist.device)
-    refs = load_references(args, tok, dist.device)
+    state = torch.load(f"{resume_from}/trainer_state.pt", weights_only=False, mmap=True) if resume_from else None
+    policy = PolicyWithValue(salsa.load_model(resume_from or args.model, tok, **kw, train=True))
+    if state:
+        policy.v_head.load_state_dict(state["v_head"])
+    policy = salsa.shard(policy.to(dist.device), dist, train=True)
+    refs = load_references(args, tok, dist)
     rm = salsa.load_reward_model(args.reward, **kw).requires_grad_(False)
     policy.lm.generation_config = gen_cfg = generation_config(tok, args.temperature, args.max_new_tokens)
 
@@ -283,13 +299,11 @@ def main(args: Args):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: salsa.lr_lambda(u, updates, 0, "linear"))
     kl_coef, start, first = args.init_kl_coef, 0, None
     torch.manual_seed(args.seed + dist.rank)  # sampling does not depend on how many models were loaded
-    if resume_from:
-        state = torch.load(f"{resume_from}/trainer_state.pt", weights_only=False)
-        policy.v_head.load_state_dict(state["v_head"])
-        opt.load_state_dict(state["opt"])
+    if state:
+        salsa.load_optimizer_state(policy, opt, state["opt"], dist)
         sched.load_state_dict(state["sched"])
         kl_coef, start, first = state["kl_coef"], state["step"], state["first"]
-        salsa.set_rng_state(state["rng"])
+        salsa.set_rng_state(state["rng"], dist)
         salsa.log0(dist, f"resumed from {resume_from} at step {start}")
 
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not dist.main, desc="ppo")
@@ -302,7 +316,7 @@ def main(args: Args):
         P, t0 = prompt.shape[1], time.time()
 
         # 1. Rollout: sample with the KV cache, then cut each response after its first EOS.
-        seq, mask, resp_mask, has_eos = rollout(policy.lm, prompt, prompt_mask, gen_cfg, dist.world > 1)
+        seq, mask, resp_mask, has_eos = rollout(policy, prompt, prompt_mask, gen_cfg, dist.world > 1)
         t1 = time.time()
 
         with torch.no_grad():
@@ -316,10 +330,10 @@ def main(args: Args):
             # 4. Per-token rewards: -β·KL_t, and the score on the EOS token.
             rewards = per_token_rewards(kl, score, rmask, kl_coef)
             if args.whiten_rewards:
-                rewards = whiten(rewards, rmask, shift_mean=False)
+                rewards = whiten(rewards, rmask, shift_mean=False, dist=dist)
             # 5. GAE with γ, λ; returns = A + V; advantages whitened over the batch's response tokens.
             adv, returns = gae(rewards, old_values, rmask, args.gamma, args.lam)
-            adv = whiten(adv, rmask)
+            adv = whiten(adv, rmask, dist=dist)
         t2 = time.time()
 
         # 6. PPO epochs × minibatches × micro-batches; losses are token means over each minibatch.
@@ -329,7 +343,7 @@ def main(args: Args):
             perm = torch.randperm(local_batch, device=dist.device)
             for mb in perm.view(args.minibatches, -1):
                 opt.zero_grad(set_to_none=True)
-                mb_tokens = rmask[mb].sum()
+                mb_tokens = salsa.all_sum(rmask[mb].sum(), dist)  # token mean over every rank's minibatch
                 for micro in mb.view(-1, min(args.micro_batch, mb_rows)):
                     logp, _, values = policy(seq[micro], mask[micro], P, args.temperature)
                     pg, vf, s = ppo_losses(logp, old_logp[micro], values, old_values[micro], adv[micro],
@@ -353,10 +367,15 @@ def main(args: Args):
             "objective/response_len": rmask.sum(-1).mean().item(),
             "objective/no_eos_frac": (~has_eos).float().mean().item(),
             **{k: v / n_tok for k, v in stats.items()},  # token means over all epochs and minibatches
-            "ppo/grad_norm_last": grad_norm.item(),  # the last minibatch's, before clipping
+            "ppo/grad_norm_last": salsa.full(grad_norm).item(),  # the last minibatch's, before clipping
             "val/explained_var": (1 - torch.var((returns - old_values)[rmask > 0]) / torch.var(returns[rmask > 0])).item(),
             "lr": sched.get_last_lr()[0], "time/rollout": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2,
         }
+        if dist.world > 1:  # means of the ranks' values (exact for per-sequence means: equal rows per rank)
+            names = [k for k in metrics if k != "step"]
+            means = salsa.all_sum(torch.tensor([metrics[k] for k in names], dtype=torch.float64, device=dist.device), dist)
+            metrics |= dict(zip(names, (means / dist.world).tolist()))
+            seq_kl = metrics["objective/kl"]  # the KL controller must see the same KL on every rank
         if args.adaptive_kl:
             kl_coef = adaptive_kl(kl_coef, seq_kl, args.target_kl, args.kl_horizon, args.batch_size)
         first = first or metrics
@@ -367,14 +386,14 @@ def main(args: Args):
             alarm(metrics, first)
             if (step + 1) % args.sample_every == 0 or step == 0:
                 samples(tok, seq, P, score, step + 1, f"{ckpt_dir}/samples.jsonl")
-        if (step + 1) % args.save_every == 0 and step + 1 < steps and dist.main:
-            state = {"v_head": policy.v_head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                     "kl_coef": kl_coef, "step": step + 1, "first": first, "rng": salsa.rng_state()}
-            salsa.save_checkpoint(ckpt_dir, step + 1, policy.lm, tok, state)
-    if dist.main:
-        save_policy(args.out, policy, tok, files={"metrics.json": salsa.read_jsonl(f"{ckpt_dir}/metrics.jsonl")[-1],
-                                                  "args.json": vars(args)})
-        print(f"saved {args.out}")
+        if (step + 1) % args.save_every == 0 and step + 1 < steps:
+            state = {"v_head": {k: salsa.full(v) for k, v in policy.v_head.state_dict().items()},
+                     "opt": salsa.optimizer_state(policy, opt, dist), "sched": sched.state_dict(),
+                     "kl_coef": kl_coef, "step": step + 1, "first": first, "rng": salsa.rng_state(dist)}
+            salsa.save_checkpoint(ckpt_dir, step + 1, policy.lm, tok, state, dist=dist)
+    save_policy(args.out, policy, tok, dist, files={"metrics.json": salsa.read_jsonl(f"{ckpt_dir}/metrics.jsonl")[-1],
+                                                    "args.json": vars(args)})
+    salsa.log0(dist, f"saved {args.out}")
 
 
 def alarm(m, first):

@@ -13,8 +13,8 @@ starts at reward 0 (Ziegler et al. 2019); with --norm-samples 0, the mean over h
 
 Departures: pairs longer than --max-len are dropped, not truncated (a cut response has no EOS, so the
 head would learn to score text PPO never shows it); no warmup (App. A.2 names only linear decay);
-data parallel by hand (we call backbone and head ourselves, not DDP's forward); weights and AdamW
-state in --dtype (bfloat16 trains without fp32 master weights).
+weights and AdamW state in --dtype (bfloat16 trains without fp32 master weights). Under torchrun
+both models are sharded with FSDP2 (salsa.distribute).
 """
 import math
 import os
@@ -94,7 +94,7 @@ def load_pairs(tok, source: str, split: str, max_len: int, dist) -> list[tuple]:
     return kept
 
 
-def init_reward_model(args, tok, device):
+def init_reward_model(args, tok):
     from transformers import AutoModelForSequenceClassification
     rm = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, dtype=getattr(torch, args.dtype),
                                                             attn_implementation=args.attn)
@@ -105,7 +105,7 @@ def init_reward_model(args, tok, device):
     torch.nn.init.normal_(rm.score.weight, std=1 / math.sqrt(rm.score.in_features + 1),
                           generator=torch.Generator().manual_seed(args.seed))
     salsa.disable_dropout(rm)
-    return rm.to(device)
+    return rm
 
 
 def generate_references(args, tok, prompts: list[list[int]], dist) -> list[tuple]:
@@ -113,7 +113,7 @@ def generate_references(args, tok, prompts: list[list[int]], dist) -> list[tuple
     from transformers import GenerationConfig
     if not prompts:
         return []
-    policy = salsa.load_model(args.model, tok, args.dtype, args.attn, dist.device).eval()
+    policy = salsa.load_model(args.model, tok, args.dtype, args.attn, dist.device, dist).eval()
     # plain temperature sampling from a fresh config, as in ppo.py: no warper from generation_config.json
     sampling = dict(do_sample=True, temperature=args.norm_temperature, top_k=0, top_p=1.0) \
         if args.norm_temperature > 0 else {}
@@ -123,8 +123,9 @@ def generate_references(args, tok, prompts: list[list[int]], dist) -> list[tuple
     refs, rows = [], 2 * args.micro_batch
     for i in tqdm(range(0, len(prompts), rows), desc="normalisation samples", disable=not dist.main):
         ids, mask = salsa.pad(prompts[i:i + rows], tok.pad_token_id, left=True, device=dist.device)  # (b, P)
-        with torch.no_grad():
-            out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)  # (b, P + N)
+        with torch.no_grad(), salsa.gathered(policy):
+            out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=cfg,
+                                  synced_gpus=dist.world > 1)  # (b, P + N)
         for p, resp in zip(prompts[i:i + rows], out[:, ids.shape[1]:].tolist()):
             # a response that never stops is kept whole and scored at its last token
             refs.append((p, p + (resp[: resp.index(tok.eos_token_id) + 1] if tok.eos_token_id in resp else resp)))
@@ -139,21 +140,20 @@ def pair_rewards(rm, pairs: list[tuple], device):
     return r[:len(pairs)], r[len(pairs):]
 
 
-def all_sum(t: torch.Tensor, dist) -> torch.Tensor:
-    if dist.world > 1:
-        torch.distributed.all_reduce(t)
-    return t
-
-
 @torch.no_grad()
 def evaluate(rm, pairs: list[tuple], args, dist) -> dict:
-    """Accuracy (r_w > r_l), mean margin, loss and mean reward over the held-out pairs, summed over ranks."""
+    """Accuracy (r_w > r_l), mean margin, loss and mean reward over the held-out pairs, summed over ranks.
+    Every rank makes the same number of forwards (FSDP gathers in each): a rank out of pairs scores
+    the first pair again and drops it."""
     stats, mine = torch.zeros(5, device=dist.device), pairs[dist.rank::dist.world]
-    for i in tqdm(range(0, len(mine), args.micro_batch), desc="eval", leave=False, disable=not dist.main):
-        r_w, r_l = pair_rewards(rm, mine[i:i + args.micro_batch], dist.device)
-        stats += torch.stack([(r_w > r_l).sum(), (r_w - r_l).sum(), bt_loss(r_w, r_l) * len(r_w),
-                              (r_w + r_l).sum(), torch.tensor(len(r_w), device=dist.device)]).float()
-    correct, margin, loss, reward, n = all_sum(stats, dist).tolist()
+    for i in tqdm(range(0, math.ceil(len(pairs) / dist.world), args.micro_batch), desc="eval", leave=False,
+                  disable=not dist.main):
+        part = mine[i:i + args.micro_batch]
+        r_w, r_l = pair_rewards(rm, part or pairs[:1], dist.device)
+        if part:
+            stats += torch.stack([(r_w > r_l).sum(), (r_w - r_l).sum(), bt_loss(r_w, r_l) * len(r_w),
+                                  (r_w + r_l).sum(), torch.tensor(len(r_w), device=dist.device)]).float()
+    correct, margin, loss, reward, n = salsa.all_sum(stats, dist).tolist()
     return {"eval/accuracy": correct / n, "eval/margin": margin / n, "eval/loss": loss / n,
             "eval/reward_mean": reward / (2 * n), "eval/pairs": int(n)}
 
@@ -180,7 +180,7 @@ def main(args: Args):
     ckpt = salsa.prepare_out(args.out, resume=False)  # after every check on the data: a bad row writes nothing
 
     refs = generate_references(args, tok, [train[i][0] for i in order[:args.norm_samples]], dist)
-    rm = init_reward_model(args, tok, dist.device)
+    rm = salsa.distribute(lambda: init_reward_model(args, tok), dist, train=True)
     opt = torch.optim.AdamW(rm.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: salsa.lr_lambda(s, total, 0))
     bar = tqdm(range(total), desc="reward", disable=not dist.main)
@@ -192,17 +192,15 @@ def main(args: Args):
             loss = bt_loss(r_w, r_l)
             (loss * len(r_w) / args.batch_size).backward()  # summed over micro-batches and ranks: the batch mean
             stats += torch.stack([loss.detach() * len(r_w), (r_w > r_l).sum().float(), (r_w - r_l).detach().sum()])
-        for p in rm.parameters():
-            all_sum(p.grad, dist)
         grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), args.max_grad_norm)
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        loss, acc, margin = (all_sum(stats, dist) / args.batch_size).tolist()
+        loss, acc, margin = (salsa.all_sum(stats, dist) / args.batch_size).tolist()
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
         row = {"step": step + 1, "train/loss": loss, "train/accuracy": acc, "train/margin": margin,
-               "train/grad_norm": grad_norm.item(), "train/lr": lr}
+               "train/grad_norm": salsa.full(grad_norm).item(), "train/lr": lr}
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total:
             row |= evaluate(rm, held_out, args, dist)
         if dist.main:
@@ -215,11 +213,11 @@ def main(args: Args):
     metrics = final | {"step": total, "norm/bias": rm.config.reward_bias, "train/pairs": len(train),
                        "norm/source": f"{len(refs)} SFT samples" if refs else "held-out chosen+rejected"}
     salsa.log0(dist, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    samples = [{"prompt": tok.decode(p), "response": tok.decode(s[len(p):]), "ids": s,
+                "reward": r - rm.config.reward_bias} for (p, s), r in zip(refs, raw)]
     if dist.main:
-        samples = [{"prompt": tok.decode(p), "response": tok.decode(s[len(p):]), "ids": s,
-                    "reward": r - rm.config.reward_bias} for (p, s), r in zip(refs, raw)]
         salsa.log_jsonl(os.path.join(ckpt, "metrics.jsonl"), metrics)
-        salsa.save_model(args.out, rm, tok, files={"metrics.json": metrics, "norm_samples.json": samples})
+    salsa.save_model(args.out, rm, tok, files={"metrics.json": metrics, "norm_samples.json": samples}, dist=dist)
     if dist.world > 1:
         torch.distributed.destroy_process_group()
 

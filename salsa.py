@@ -5,7 +5,9 @@ SALSA (arXiv 2411.01798) is PPO whose KL reference is a model soup instead of th
 Each stage script imports this module and nothing else of ours. Every function here is plain
 and takes its inputs explicitly; the stage scripts hold the algorithms.
 """
+import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import random
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 
@@ -87,6 +90,128 @@ def log0(dist: Dist, *msg):
         print(*msg, flush=True)
 
 
+def all_sum(x: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """Sum over ranks, in place (one process: x itself)."""
+    if dist.world > 1:
+        torch.distributed.all_reduce(x)
+    return x
+
+
+# ---------------------------------------------------------------- FSDP
+# Under torchrun every model is sharded with FSDP2 here and nowhere else (torchtitan style): the stage
+# scripts call models as in one process. Each function below is a collective: every rank calls it.
+def distribute(build, dist: Dist, train: bool = False):
+    """The model `build()` returns on CPU, moved to dist.device; under torchrun sharded without a full
+    copy per rank: rank 0 builds it, the others an empty (meta) model of its class and config, and
+    weights and buffers (RoPE's inv_freq is in no state dict) are broadcast into the shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    if dist.world == 1:
+        return build().to(dist.device)
+    full = build() if dist.main else None
+    spec = [(type(full), full.config, getattr(full, "generation_config", None), full.dtype) if dist.main else None]
+    torch.distributed.broadcast_object_list(spec, src=0)
+    cls, config, generation_config, dtype = spec[0]
+    with torch.device("meta"):
+        model = cls._from_config(config, dtype=dtype)
+    if generation_config is not None:  # a causal LM's own: pad id, sampling defaults
+        model.generation_config = generation_config
+    disable_dropout(model)
+    shard(model.train(train), dist, train).to_empty(device=dist.device)
+    set_model_state_dict(model, full.state_dict() if dist.main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            torch.distributed.broadcast(buf.copy_(full.get_buffer(name)) if dist.main else buf, src=0)
+    return model
+
+
+def shard(model, dist: Dist, train: bool = False):
+    """FSDP2 in place (one process: nothing). Units: each decoder layer, then the root (embeddings,
+    final norm, heads; a tied lm_head is the embedding's parameter, so it is in one unit). Roots stay
+    gathered after forward (token_logprobs and reward_scores read the head's weight after it), so
+    build optimizers before the first forward, or after `reshard`. Trained models get non-reentrant
+    activation checkpointing; gradients are summed over ranks, not averaged (the scripts divide by
+    global counts). CUDA: bf16 compute, fp32 master weights and reduce."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    if dist.world == 1:
+        return model
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if dist.device.type == "cuda" else MixedPrecisionPolicy()
+    if train and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer) and not isinstance(m, FSDPModule):
+            fully_shard(m, mp_policy=mp)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+    if hasattr(model, "generate"):  # FSDP picks its root at the first forward: generate must count as one
+        register_fsdp_forward_method(model, "generate")
+    return model
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """FSDP: what the block's first forward gathers stays gathered to its end (else generate would
+    gather every layer again for every token), then is sharded again."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.set_reshard_after_forward(isinstance(m, GradientCheckpointingLayer), recurse=False)
+        reshard(model)
+
+
+def reshard(model):
+    """Shard every unit: a root stays gathered after a no-grad forward, and the state-dict functions
+    want the shards registered."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def full_state_dict(model, dist: Dist) -> dict:
+    """The whole state dict on rank 0's CPU (other ranks: empty), a tied weight under its first name
+    only, as save_pretrained writes it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    if dist.world > 1:
+        reshard(model)
+    state = model.state_dict() if dist.world == 1 else \
+        get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v for k, v in state.items() if k not in tied}
+
+
+def full(x: torch.Tensor) -> torch.Tensor:
+    """A DTensor (a gradient norm under FSDP) gathered whole; any other tensor as it is."""
+    return x.full_tensor() if isinstance(x, torch.distributed.tensor.DTensor) else x
+
+
+def optimizer_state(model, opt, dist: Dist) -> dict:
+    """opt.state_dict(); under FSDP all of it on rank 0's CPU, keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    if dist.world == 1:
+        return opt.state_dict()
+    reshard(model)
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, opt, state: dict, dist: Dist):
+    """Inverse of optimizer_state, for the same number of ranks; only rank 0's `state` is read."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    if dist.world == 1:
+        return opt.load_state_dict(state)
+    reshard(model)
+    set_optimizer_state_dict(model, opt, state if dist.main else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
 # ---------------------------------------------------------------- models and tokenizers
 # The <|user|>/<|assistant|> format of the paper's Fig. 6 sample (zephyr's, which TRL used on UltraChat),
 # for base models that ship no template; EOS closes each assistant turn, so PPO knows when to stop.
@@ -114,19 +239,24 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_model(path: str, tok=None, dtype: str = "float32", attn: str = "sdpa", device="cpu"):
+def load_model(path: str, tok=None, dtype: str = "float32", attn: str = "sdpa", device="cpu", dist=None,
+               train: bool = False):
     """A causal LM from a local directory or hub name, dropout off (RL needs the rollout and the
-    training forward to be the same function), pad id set from the tokenizer."""
+    training forward to be the same function), pad id set from the tokenizer. Under torchrun
+    (`dist.world > 1`) it comes back sharded by `distribute`, `train` saying it will be trained."""
     from transformers import AutoModelForCausalLM
     if not (Path(path).is_dir() or "/" in path):
         raise FileNotFoundError(f"{path}: not a local model directory nor a hub name (org/model)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn)
-    if tok is not None:
-        if len(tok) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tok))
-        model.config.pad_token_id = model.generation_config.pad_token_id = tok.pad_token_id
-    disable_dropout(model)
-    return model.to(device)
+
+    def build():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn)
+        if tok is not None:
+            if len(tok) > model.get_input_embeddings().weight.shape[0]:
+                model.resize_token_embeddings(len(tok))
+            model.config.pad_token_id = model.generation_config.pad_token_id = tok.pad_token_id
+        disable_dropout(model)
+        return model
+    return distribute(build, dist or Dist(device=torch.device(device)), train)
 
 
 def disable_dropout(model: torch.nn.Module):
@@ -252,8 +382,17 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 def hidden_states(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Last hidden states (B, T, d) of the backbone, without the lm_head: callers project only the
     positions they need, so full-vocabulary logits are never materialised over the prompt."""
-    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
-    return out.last_hidden_state
+    kw = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+    if not isinstance(model, FSDPModule):
+        return model.base_model(**kw).last_hidden_state
+    # FSDP gathers a unit's own parameters (the embeddings) only in its forward: run it, keep the backbone's output
+    out = []
+    hook = model.base_model.register_forward_hook(lambda module, args, o: out.append(o.last_hidden_state))
+    try:
+        model(**kw, **({"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}))
+    finally:
+        hook.remove()
+    return out[0]
 
 
 def _logp_chunk(head_w, h, targets, inv_temp: float, softcap):
@@ -313,23 +452,30 @@ def save_atomic(out: str, write):
     os.replace(tmp, out)
 
 
-def save_model(out: str, model, tok, files: dict | None = None):
+def save_model(out: str, model, tok, files: dict | None = None, dist: Dist = Dist()):
     """An HF directory `transformers` loads: safetensors weights, config, tokenizer, and extra
-    json files (metrics, reward normalisation, ...) given as {name: object}."""
+    json files (metrics, reward normalisation, ...) given as {name: object}. Under FSDP every rank
+    calls it (the weights are gathered) and rank 0 writes."""
+    state = full_state_dict(model, dist) if dist.world > 1 else None
+
     def write(tmp):
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
         tok.save_pretrained(tmp)
         for name, obj in (files or {}).items():
             Path(tmp, name).write_text(json.dumps(obj, indent=1))
-    save_atomic(out, write)
+    if dist.main:
+        save_atomic(out, write)
 
 
-def save_checkpoint(ckpt_dir: str, step: int, model, tok, state: dict, keep: int = 2):
+def save_checkpoint(ckpt_dir: str, step: int, model, tok, state: dict, keep: int = 2, dist: Dist = Dist()):
     """A resumable checkpoint `ckpt_dir/step-00000123` (model + trainer state), atomic; the
-    older ones beyond `keep` are deleted only after the new one is complete."""
+    older ones beyond `keep` are deleted only after the new one is complete. Collective under FSDP."""
     path = Path(ckpt_dir) / f"step-{step:08d}"
-    save_atomic(str(path), lambda tmp: (model.save_pretrained(tmp, safe_serialization=True), tok.save_pretrained(tmp),
-                                        torch.save(state, Path(tmp, "trainer_state.pt"))))
+    weights = full_state_dict(model, dist) if dist.world > 1 else None
+    if not dist.main:
+        return
+    save_atomic(str(path), lambda tmp: (model.save_pretrained(tmp, safe_serialization=True, state_dict=weights),
+                                        tok.save_pretrained(tmp), torch.save(state, Path(tmp, "trainer_state.pt"))))
     done = sorted(p for p in Path(ckpt_dir).glob("step-*") if (p / "trainer_state.pt").exists())
     for old in done[:-keep]:
         shutil.rmtree(old)
@@ -356,12 +502,19 @@ def prepare_out(out: str, resume: bool) -> str:
     return ckpt
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+def rng_state(dist: Dist = Dist()):
+    """This process's generators; under torchrun a list of every rank's (a collective)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    if dist.world == 1:
+        return state
+    states = [None] * dist.world
+    torch.distributed.all_gather_object(states, state)
+    return states
 
 
-def set_rng_state(state: dict):
+def set_rng_state(state, dist: Dist = Dist()):
+    state = state[dist.rank] if isinstance(state, list) else state
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if state["cuda"] is not None:
@@ -378,19 +531,22 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------- reward models
-def load_reward_model(path: str, dtype: str = "float32", attn: str = "sdpa", device="cpu"):
+def load_reward_model(path: str, dtype: str = "float32", attn: str = "sdpa", device="cpu", dist: Dist | None = None):
     """A reward model saved by reward.py: a standard AutoModelForSequenceClassification (num_labels=1)
     directory whose config.json also carries `reward_bias`, the normalisation reward_scores subtracts.
-    Eval mode, dropout off; freezing it (requires_grad) is the caller's choice."""
+    Eval mode, dropout off, sharded under torchrun; freezing it (requires_grad) is the caller's choice."""
     from transformers import AutoModelForSequenceClassification
     if not (Path(path).is_dir() or "/" in path):
         raise FileNotFoundError(f"{path}: not a local reward-model directory nor a hub name (org/model)")
-    rm = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn)
-    if rm.config.num_labels != 1 or not isinstance(getattr(rm.config, "reward_bias", None), (int, float)):
-        raise ValueError(f"{path}: a reward model needs num_labels=1 and a numeric `reward_bias` in config.json "
-                         "(train it with reward.py, or add \"reward_bias\": 0.0 to use its raw scores)")
-    disable_dropout(rm)
-    return rm.to(device).eval()
+
+    def build():
+        rm = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn)
+        if rm.config.num_labels != 1 or not isinstance(getattr(rm.config, "reward_bias", None), (int, float)):
+            raise ValueError(f"{path}: a reward model needs num_labels=1 and a numeric `reward_bias` in config.json "
+                             "(train it with reward.py, or add \"reward_bias\": 0.0 to use its raw scores)")
+        disable_dropout(rm)
+        return rm
+    return distribute(build, dist or Dist(device=torch.device(device))).eval()
 
 
 def reward_scores(rm, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ once per seed, then average the results with soup.py:
 The loss is the mean NLL of every assistant token of the global batch (summed over micro-batches and
 ranks, divided once by the batch's token count), so a token weighs the same however the batch is
 split; only labelled positions reach the lm_head. Epochs are concatenated shuffles: a batch may
-straddle two. Under torchrun, gradients are summed by a plain all-reduce (no sharding yet).
+straddle two. Under torchrun the model is sharded with FSDP2 (salsa.distribute).
 """
 import json
 import math
@@ -93,19 +93,18 @@ def n_labels(examples: list) -> int:
     return sum(sum(t != -100 for t in labels[1:]) for _, labels in examples)
 
 
-def all_sum(x: torch.Tensor, dist) -> torch.Tensor:
-    if dist.world > 1:
-        torch.distributed.all_reduce(x)
-    return x
-
-
 @torch.no_grad()
 def eval_loss(model, examples: list, micro: int, pad_id: int, dist) -> float:
-    """Token-weighted mean NLL over the held-out conversations, each rank taking every world-th one."""
+    """Token-weighted mean NLL over the held-out conversations, each rank taking every world-th one.
+    Every rank makes the same number of forwards (FSDP gathers in each): a rank out of rows scores
+    the first one again and drops it."""
     mine, nll = examples[dist.rank::dist.world], torch.zeros((), dtype=torch.float64, device=dist.device)
-    for i in tqdm(range(0, len(mine), micro), "eval", disable=not dist.main, leave=False):
-        nll += sft_loss(model, *collate(mine[i:i + micro], pad_id, dist.device))[0].double()
-    return all_sum(nll, dist).item() / n_labels(examples)
+    for i in tqdm(range(0, math.ceil(len(examples) / dist.world), micro), "eval", disable=not dist.main, leave=False):
+        part = mine[i:i + micro]
+        nll_sum, _ = sft_loss(model, *collate(part or examples[:1], pad_id, dist.device))
+        if part:
+            nll += nll_sum.double()
+    return salsa.all_sum(nll, dist).item() / n_labels(examples)
 
 
 def main(args: Args):
@@ -132,20 +131,20 @@ def main(args: Args):
     order = torch.cat([torch.randperm(len(train), generator=g) for _ in range(shuffles)]).tolist()
 
     start = salsa.latest_checkpoint(ckpt) if args.resume else None
-    model = salsa.load_model(start or args.model, tok, args.dtype, args.attn, dist.device)
+    model = salsa.load_model(start or args.model, tok, args.dtype, args.attn, dist.device, dist, train=True)
     # eps 1e-8 and betas (0.9, 0.999): PyTorch's and the HF Trainer's defaults, which the paper's TRL runs used.
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: salsa.lr_lambda(s, total, warmup, args.schedule))
     flags = {k: v for k, v in asdict(args).items() if k != "resume"}
     step, log = 0, f"{ckpt}/metrics.jsonl"
     if start:
-        state = torch.load(f"{start}/trainer_state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(f"{start}/trainer_state.pt", map_location="cpu", weights_only=False, mmap=True)
         changed = [k for k in flags if state["flags"].get(k) != flags[k]]
         if changed:
             raise ValueError(f"{start} was made with other flags ({', '.join(changed)}): resume with the same ones")
-        opt.load_state_dict(state["optimizer"])
+        salsa.load_optimizer_state(model, opt, state["optimizer"], dist)
         sched.load_state_dict(state["scheduler"])
-        salsa.set_rng_state(state["rng"])
+        salsa.set_rng_state(state["rng"], dist)
         step = state["step"]
         if dist.main:  # the interrupted run may have logged steps past its checkpoint: they are redone
             kept = [r for r in salsa.read_jsonl(log) if r["step"] <= step]
@@ -163,31 +162,27 @@ def main(args: Args):
             nll_sum, _ = sft_loss(model, *collate(mine[i:i + args.micro_batch], tok.pad_token_id, dist.device))
             (nll_sum / n_tok).backward()
             nll += nll_sum.detach().double()
-        if dist.world > 1:  # plain data parallel: every rank ends with the whole batch's gradient
-            for p in model.parameters():
-                torch.distributed.all_reduce(p.grad)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        row = {"step": step + 1, "train/loss": all_sum(nll, dist).item() / n_tok, "train/lr": lr,
-               "train/grad_norm": grad_norm.item(),
+        row = {"step": step + 1, "train/loss": salsa.all_sum(nll, dist).item() / n_tok, "train/lr": lr,
+               "train/grad_norm": salsa.full(grad_norm).item(),
                "train/tokens_per_s": sum(len(ids) for ids, _ in batch) / (time.time() - t0)}  # prompts included
         if held and (args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == total):
             row["eval/loss"] = eval_loss(model, held, args.micro_batch, tok.pad_token_id, dist)
         bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{row['train/tokens_per_s']:.0f}")
         if dist.main:
             salsa.log_jsonl(log, row)
-            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
-                state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step + 1,
-                         "rng": salsa.rng_state(), "flags": flags}
-                salsa.save_checkpoint(ckpt, step + 1, model, tok, state)
-    if dist.main:
-        summary = {**row, "train_conversations": len(train), "eval_conversations": len(held),
-                   "dropped": dropped + held_dropped, "flags": flags}
-        salsa.save_model(args.out, model, tok, files={"metrics.json": summary})
-        salsa.log0(dist, f"saved {args.out}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
+            state = {"optimizer": salsa.optimizer_state(model, opt, dist), "scheduler": sched.state_dict(),
+                     "step": step + 1, "rng": salsa.rng_state(dist), "flags": flags}
+            salsa.save_checkpoint(ckpt, step + 1, model, tok, state, dist=dist)
+    summary = {**row, "train_conversations": len(train), "eval_conversations": len(held),
+               "dropped": dropped + held_dropped, "flags": flags}
+    salsa.save_model(args.out, model, tok, files={"metrics.json": summary}, dist=dist)
+    salsa.log0(dist, f"saved {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,156 @@
+"""FSDP2 under `torchrun --nproc_per_node 2` (CPU, gloo), against the same code in one process.
+
+This file is also the worker: `python tests/test_fsdp.py MODEL OUT` (one process) and its torchrun
+form load a tiny model through salsa (sharded when there are two ranks), score a fixed probe, take
+one sft step on a fixed global batch split over the ranks, save the model, sample with a different
+response length on each rank, and store what they saw in OUT/rank{r}.pt.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import ppo  # noqa: E402
+import salsa  # noqa: E402
+import sft  # noqa: E402
+
+CHATS = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in
+         [("Is 2 > 1?", "Yes, it is."), ("Name a colour.", "Blue"), ("Say hi.", "Hi there, how are you today?"),
+          ("Count to three, please, slowly.", "One, two, three.")]]
+
+
+def worker(model_path: str, out: str):
+    dist = salsa.setup_dist(0)
+    tok = salsa.load_tokenizer(model_path)
+    batch = [salsa.tokenize_chat(tok, m, 64) for m in CHATS]  # the global batch, 4 rows of different lengths
+    probe, probe_mask = salsa.pad([ids for ids, _ in batch], tok.pad_token_id, device=dist.device)  # (4, T)
+    model = salsa.load_model(model_path, tok, device=dist.device, dist=dist, train=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-6)  # before any forward gathers the root
+    policy = salsa.shard(ppo.PolicyWithValue(salsa.load_model(model_path, tok, device=dist.device, dist=dist,
+                                                              train=True)).to(dist.device), dist, train=True)
+    with torch.no_grad():
+        logp0, _ = salsa.token_logprobs(model, salsa.hidden_states(model, probe, probe_mask)[:, :-1], probe[:, 1:])
+        policy_logp, _, _ = policy(probe, probe_mask, 3, 1.0)  # (4, T-3): the PPO path (lm nested in the root)
+
+    nll, _ = sft.sft_loss(model, *sft.collate(batch[dist.rank::dist.world], tok.pad_token_id, dist.device))
+    (nll / sft.n_labels(batch)).backward()
+    grad_norm = salsa.full(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+    opt.step()
+    loss = salsa.all_sum(nll.detach(), dist) / sft.n_labels(batch)
+    with torch.no_grad():
+        logits = model(input_ids=probe, attention_mask=probe_mask).logits  # the sharded model's own forward
+    salsa.save_model(f"{out}/model", model, tok, dist=dist)
+
+    prompt, prompt_mask = salsa.pad([ids[:6] for ids, _ in batch[:2]], tok.pad_token_id, device=dist.device)
+    cfg = ppo.generation_config(tok, 1.0, 2 + 6 * dist.rank)  # rank 1 samples 8 tokens, rank 0 only 2
+    cfg.eos_token_id = -1  # no early stop: the lengths differ for sure
+    seq, *_ = ppo.rollout(model, prompt, prompt_mask, cfg, synced=dist.world > 1)
+    sharded = all(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
+    torch.save({"logp0": logp0, "policy_logp": policy_logp, "loss": loss, "grad_norm": grad_norm, "logits": logits,
+                "rollout_len": seq.shape[1] - prompt.shape[1], "resharded": sharded}, f"{out}/rank{dist.rank}.pt")
+
+
+def launch(tiny, out, nproc):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
+        if nproc > 1 else [sys.executable]
+    res = subprocess.run(cmd + [__file__, tiny, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    return tmp, launch(tiny, tmp / "one", 1), launch(tiny, tmp / "two", 2)
+
+
+def test_sharded_load_scores_like_one_process(runs):
+    """Meta init + broadcast from rank 0 (RoPE buffers, tied embeddings) and hidden_states through the
+    FSDP root give one process's log-probs, for the plain LM and for the PPO policy around it."""
+    _, (one,), two = runs
+    for r in two:
+        torch.testing.assert_close(r["logp0"], one["logp0"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(r["policy_logp"], one["policy_logp"], rtol=0, atol=1e-5)
+
+
+def test_sharded_step_matches_one_process(runs, tiny):
+    """Half the global batch per rank, gradients summed by FSDP's reduce-scatter, AdamW on shards:
+    the same loss, gradient norm and updated weights as the whole batch in one process."""
+    from safetensors.torch import load_file
+    tmp, (one,), (two, _) = runs
+    assert two["loss"].item() == pytest.approx(one["loss"].item(), rel=1e-6)
+    assert two["grad_norm"].item() == pytest.approx(one["grad_norm"].item(), rel=1e-5)
+    w0 = load_file(Path(tiny) / "model.safetensors")
+    w1, w2 = (load_file(tmp / d / "model" / "model.safetensors") for d in ("one", "two"))
+    assert w1.keys() == w2.keys() == w0.keys()
+    for k in w1:  # lr 1e-2 moves every weight by ~1e-2; the sharded step must land within fp32 noise of it
+        assert (w1[k] - w0[k]).abs().max() > 1e-3, k
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_saved_checkpoint_loads_with_transformers(runs, tok):
+    """The full state dict gathered to rank 0 is a plain HF directory: same logits as the sharded model."""
+    from transformers import AutoModelForCausalLM
+    tmp, _, (two, _) = runs
+    hf = AutoModelForCausalLM.from_pretrained(tmp / "two" / "model")
+    batch = [salsa.tokenize_chat(tok, m, 64) for m in CHATS]
+    ids, mask = salsa.pad([i for i, _ in batch], tok.pad_token_id)
+    with torch.no_grad():
+        logits = hf(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits, two["logits"], rtol=0, atol=1e-5)
+    assert hf.config.architectures == ["LlamaForCausalLM"]
+
+
+def test_rollout_with_different_lengths_per_rank_does_not_hang(runs):
+    """Rank 0 stops after 2 tokens and keeps stepping (synced_gpus) until rank 1 has its 8; the
+    weights are sharded again afterwards. launch() bounds it with a timeout."""
+    _, _, (r0, r1) = runs
+    assert (r0["rollout_len"], r1["rollout_len"]) == (2, 8)
+    assert r0["resharded"] and r1["resharded"]
+
+
+def test_ppo_under_torchrun_and_its_resume(tiny, tok, tmp_path):
+    """ppo.py with an in-memory soup reference, sharded policy, soup and reward model; its gathered
+    checkpoint resumed (optimizer state broadcast, each rank its own generators) gives the same run."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+    from conftest import make_tiny
+    other = make_tiny(tmp_path / "other", tok, seed=5)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=1)
+    rm.config.pad_token_id, rm.config.reward_bias = tok.pad_token_id, 0.0
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    (tmp_path / "prompts.jsonl").write_text("".join(f'{{"prompt": "Question {i}: yes or no?"}}\n' for i in range(8)))
+    out = tmp_path / "ppo"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "ppo.py",
+           "--ref", "soup", "--soup-models", tiny, other, "--reward", tmp_path / "rm", "--data",
+           tmp_path / "prompts.jsonl", "--out", out, "--batch-size", "4", "--micro-batch", "1",
+           "--max-new-tokens", "5", "--steps", "3", "--save-every", "1", "--sample-every", "100"]
+
+    def ppo_run(*extra):
+        res = subprocess.run(list(map(str, cmd + list(extra))), cwd=ROOT, capture_output=True, text=True, timeout=180,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode == 0, res.stderr[-3000:]
+        rows = [{k: v for k, v in r.items() if not k.startswith("time/")}
+                for r in salsa.read_jsonl(f"{out}.ckpt/metrics.jsonl")]
+        return rows, load_file(out / "model.safetensors"), load_file(out / "value_head.safetensors")
+
+    rows, weights, v_head = ppo_run()
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[0]["objective/kl"] != 0.0
+    assert "lm_head.weight" not in weights and v_head["weight"].shape == (1, 32)
+    out.rename(tmp_path / "first")
+    assert salsa.latest_checkpoint(f"{out}.ckpt").endswith("step-00000002")
+    rows2, weights2, v_head2 = ppo_run("--resume")
+    by_step = {r["step"]: r for r in rows}  # ppo.py appends: the resumed run logs step 3 a second time
+    assert {r["step"] for r in rows2} == {1, 2, 3} and all(r == by_step[r["step"]] for r in rows2)
+    assert all(torch.equal(weights[k], weights2[k]) for k in weights) and torch.equal(v_head["weight"], v_head2["weight"])
+
+
+if __name__ == "__main__":
+    worker(*sys.argv[1:])
