@@ -63,7 +63,7 @@ class Args:
     batch_size: int = salsa.arg(8, "prompts per PPO step, over all ranks (App. A.3)")
     ppo_epochs: int = salsa.arg(2, "optimisation epochs over each batch (App. A.3)")
     minibatches: int = salsa.arg(1, "optimizer steps per epoch; batch_size must divide evenly")
-    micro_batch: int = salsa.arg(8, "rows per forward/backward on each rank (gradient accumulation)")
+    micro_batch: int = salsa.arg(2, "rows per forward/backward on each rank (gradient accumulation; memory)")
     steps: int = salsa.arg(0, "PPO steps; 0 = one pass over the prompts")
     temperature: float = salsa.arg(0.7, "sampling temperature (rollout and scoring alike)")
     max_new_tokens: int = salsa.arg(64, "response length limit")
@@ -173,6 +173,15 @@ def adaptive_kl(kl_coef: float, kl: float, target: float, horizon: int, n: int) 
     """Ziegler et al. 2019: e = clip(KL/target - 1, ±0.2); β ← β·(1 + e·n/horizon), KL in nats/sequence."""
     error = min(max(kl / target - 1, -0.2), 0.2)
     return kl_coef * (1 + error * n / horizon)
+
+
+def micro_batches(prompt_mask, size: int):
+    """Rows grouped `size` at a time by prompt length, longest first, each group with the number of
+    left-pad columns all its rows share: a micro-batch is cut to its own longest prompt, which saves
+    the padding compute of a batch of mixed lengths (and starts with the largest, to fail fast)."""
+    lengths = prompt_mask.sum(-1)  # (B,)
+    groups = lengths.argsort(descending=True, stable=True).view(-1, size)  # (B / size, size)
+    return [(g, prompt_mask.shape[1] - int(lengths[g].max())) for g in groups]
 
 
 def generation_config(tok, temperature: float, max_new_tokens: int):
@@ -319,14 +328,21 @@ def main(args: Args):
         seq, mask, resp_mask, has_eos = rollout(policy, prompt, prompt_mask, gen_cfg, dist.world > 1)
         t1 = time.time()
 
+        # Scoring and training run on the same micro-batches, so each row is computed identically in both.
+        groups = micro_batches(prompt_mask, min(args.micro_batch, mb_rows))
         with torch.no_grad():
-            # 2. Score: reward model on the last real token (EOS); penalise responses that never stop.
-            score = salsa.reward_scores(rm, seq, mask) - args.missing_eos_penalty * (~has_eos).float()  # (B,)
-            # 3. Old log-probs, values and reference log-probs, teacher-forced, temperature-scaled.
-            old_logp, entropy, old_values = policy(seq, mask, P, args.temperature)  # (B, R) each
-            kl = sum(w * kl_per_token(old_logp, ref_logprobs(m, seq, mask, P, args.temperature), args.kl_estimator)
-                     for m, w in refs)  # (B, R); mkl: the mean of the two KLs (eq. 5)
-            rmask = resp_mask.to(old_logp.dtype)
+            score = torch.zeros(resp_mask.shape[0], device=dist.device)  # (B,)
+            old_logp, entropy, old_values, kl = (torch.zeros(resp_mask.shape, device=dist.device) for _ in range(4))
+            for g, c in groups:
+                ids, m, n_prompt = seq[g, c:], mask[g, c:], P - c
+                # 2. Score: reward model on the last real token (EOS).
+                score[g] = salsa.reward_scores(rm, ids, m)
+                # 3. Old log-probs, values and reference log-probs, teacher-forced, temperature-scaled.
+                old_logp[g], entropy[g], old_values[g] = policy(ids, m, n_prompt, args.temperature)  # (b, R) each
+                kl[g] = sum(w * kl_per_token(old_logp[g], ref_logprobs(ref, ids, m, n_prompt, args.temperature),
+                                             args.kl_estimator) for ref, w in refs)  # mkl: the mean of two KLs (eq. 5)
+            score -= args.missing_eos_penalty * (~has_eos).float()  # responses that never stop
+            rmask = resp_mask.to(old_logp.dtype)  # (B, R)
             # 4. Per-token rewards: -β·KL_t, and the score on the EOS token.
             rewards = per_token_rewards(kl, score, rmask, kl_coef)
             if args.whiten_rewards:
@@ -340,12 +356,12 @@ def main(args: Args):
         policy.train()
         stats, n_tok = {}, 0.0
         for _ in range(args.ppo_epochs):
-            perm = torch.randperm(local_batch, device=dist.device)
-            for mb in perm.view(args.minibatches, -1):
+            for mb in torch.randperm(len(groups)).view(args.minibatches, -1).tolist():
                 opt.zero_grad(set_to_none=True)
-                mb_tokens = salsa.all_sum(rmask[mb].sum(), dist)  # token mean over every rank's minibatch
-                for micro in mb.view(-1, min(args.micro_batch, mb_rows)):
-                    logp, _, values = policy(seq[micro], mask[micro], P, args.temperature)
+                rows = torch.cat([groups[j][0] for j in mb])
+                mb_tokens = salsa.all_sum(rmask[rows].sum(), dist)  # token mean over every rank's minibatch
+                for micro, c in (groups[j] for j in mb):
+                    logp, _, values = policy(seq[micro, c:], mask[micro, c:], P - c, args.temperature)
                     pg, vf, s = ppo_losses(logp, old_logp[micro], values, old_values[micro], adv[micro],
                                            returns[micro], rmask[micro], args.cliprange, args.cliprange_value)
                     ((pg + args.vf_coef * vf) / mb_tokens).backward()

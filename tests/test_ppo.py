@@ -54,22 +54,33 @@ def first_row(out):
 
 
 def test_first_minibatch_ratio_is_exactly_one(setup, tok):
-    """Teacher-forced old log-probs on a left-padded batch of different prompt lengths equal the
-    training forward's on micro-batches of it: the first ratio is exactly 1."""
+    """Old log-probs and values from the no-grad scoring pass equal the training forward's on the
+    same micro-batches of a left-padded batch of different prompt lengths: the first ratio is 1."""
     policy = ppo.PolicyWithValue(salsa.load_model(setup["a"], tok))
     prompt, pmask = salsa.pad([salsa.prompt_ids(tok, p) for p in PROMPTS[:4]], tok.pad_token_id)
     assert len(set(pmask.sum(-1).tolist())) > 1  # really different lengths
-    cfg = ppo.generation_config(tok, 0.7, 8)
-    seq, mask, rmask, _ = ppo.rollout(policy.lm, prompt, pmask, cfg, False)
+    seq, mask, rmask, _ = ppo.rollout(policy, prompt, pmask, ppo.generation_config(tok, 0.7, 8), False)
     P = prompt.shape[1]
+    groups = ppo.micro_batches(pmask, 2)
     with torch.no_grad():
-        old_logp, _, old_v = policy(seq, mask, P, 0.7)
+        old = {tuple(g.tolist()): policy(seq[g, c:], mask[g, c:], P - c, 0.7) for g, c in groups}
+        full_logp, _, full_v = policy(seq, mask, P, 0.7)  # the whole batch at full width
     policy.train()
-    for micro in (torch.tensor([2, 0]), torch.tensor([3, 1])):
-        logp, _, v = policy(seq[micro], mask[micro], P, 0.7)
-        ratio = torch.exp(logp - old_logp[micro])
-        assert torch.equal(ratio[rmask[micro] > 0], torch.ones_like(ratio[rmask[micro] > 0]))
-        assert torch.equal(v, old_v[micro])
+    for g, c in groups:
+        logp, _, v = policy(seq[g, c:], mask[g, c:], P - c, 0.7)
+        old_logp, _, old_v = old[tuple(g.tolist())]
+        real = rmask[g] > 0
+        assert torch.equal(torch.exp(logp - old_logp)[real], torch.ones_like(logp[real]))
+        assert torch.equal(v, old_v)
+        # cutting the shared left padding changes nothing but rounding
+        assert torch.allclose(logp[real], full_logp[g][real], atol=1e-5)
+        assert torch.allclose(v, full_v[g], atol=1e-5)
+
+
+def test_micro_batches_group_by_length_and_cut_shared_padding():
+    pmask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1], [0, 1, 1, 1]])  # lengths 2, 4, 1, 3
+    groups = ppo.micro_batches(pmask, 2)
+    assert [(g.tolist(), c) for g, c in groups] == [([1, 3], 0), ([0, 2], 2)]
 
 
 def test_sampling_matches_scoring_distribution(setup, tok):
