@@ -123,12 +123,8 @@ def prompt_ids(tok, prompt, max_len: int, where: str) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tok, prompts: list[list[int]], args: Args) -> list[list[int]]:
-    """Answer token ids, up to (without) the first EOS; batched with left padding, KV cache on. The config
-    is built fresh, so no warper from the model's generation_config.json changes the answers."""
-    from transformers import GenerationConfig
-    sampling = dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0) if args.temperature else {}
-    cfg = GenerationConfig(**sampling, max_new_tokens=args.max_new_tokens, use_cache=True,
-                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    """Answer token ids, up to (without) the first EOS; batched with left padding, KV cache on."""
+    cfg = salsa.generation_config(tok, args.temperature, args.max_new_tokens)
     out, eos, n = [], tok.eos_token_id, args.batch_size
     for i in tqdm(range(0, len(prompts), n), desc="generate", leave=False, disable=len(prompts) <= n):
         ids, mask = salsa.pad(prompts[i:i + n], tok.pad_token_id, device=model.device)  # (B, P)

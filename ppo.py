@@ -184,14 +184,6 @@ def micro_batches(prompt_mask, size: int):
     return [(g, prompt_mask.shape[1] - int(lengths[g].max())) for g in groups]
 
 
-def generation_config(tok, temperature: float, max_new_tokens: int):
-    """Plain temperature sampling and nothing else: a fresh config, so no warper from the model's
-    own generation_config.json (top_k, top_p, repetition penalty) can change what we sample."""
-    from transformers import GenerationConfig
-    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
-
-
 @torch.no_grad()
 def rollout(model, prompt, prompt_mask, gen_cfg, synced: bool):
     """Sample responses to left-padded prompts (B, P); returns the sequences (B, P + R) with every
@@ -301,7 +293,7 @@ def main(args: Args):
     policy = salsa.shard(policy.to(dist.device), dist, train=True)
     refs = load_references(args, tok, dist)
     rm = salsa.load_reward_model(args.reward, **kw).requires_grad_(False)
-    policy.lm.generation_config = gen_cfg = generation_config(tok, args.temperature, args.max_new_tokens)
+    policy.lm.generation_config = gen_cfg = salsa.generation_config(tok, args.temperature, args.max_new_tokens)
 
     updates = steps * args.ppo_epochs * args.minibatches
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5, weight_decay=0.0)

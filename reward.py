@@ -96,6 +96,8 @@ def load_pairs(tok, source: str, split: str, max_len: int, dist) -> list[tuple]:
 
 def init_reward_model(args, tok):
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
+    logging.set_verbosity_error()  # the head is missing from an SFT checkpoint by design: no load report
     rm = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, dtype=getattr(torch, args.dtype),
                                                             attn_implementation=args.attn)
     if len(tok) > rm.get_input_embeddings().weight.shape[0]:
@@ -110,17 +112,12 @@ def init_reward_model(args, tok):
 
 def generate_references(args, tok, prompts: list[list[int]], dist) -> list[tuple]:
     """(prompt, prompt + response) pairs from the initial SFT model, responses cut after the first EOS."""
-    from transformers import GenerationConfig
     if not prompts:
         return []
     policy = salsa.load_model(args.model, tok, args.dtype, args.attn, dist.device, dist).eval()
-    # plain temperature sampling from a fresh config, as in ppo.py: no warper from generation_config.json
-    sampling = dict(do_sample=True, temperature=args.norm_temperature, top_k=0, top_p=1.0) \
-        if args.norm_temperature > 0 else {}
-    cfg = GenerationConfig(max_new_tokens=args.norm_max_new_tokens, eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id, **sampling)
+    cfg = salsa.generation_config(tok, args.norm_temperature, args.norm_max_new_tokens)  # as ppo.py samples
     torch.manual_seed(args.seed)  # every rank draws the same samples
-    refs, rows = [], 2 * args.micro_batch
+    refs, rows = [], args.batch_size
     for i in tqdm(range(0, len(prompts), rows), desc="normalisation samples", disable=not dist.main):
         ids, mask = salsa.pad(prompts[i:i + rows], tok.pad_token_id, left=True, device=dist.device)  # (b, P)
         with torch.no_grad(), salsa.gathered(policy):

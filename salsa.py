@@ -40,7 +40,8 @@ def parse_args(cls, argv=None):
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind, default = hints[f.name], (f.default_factory() if callable(f.default_factory) else f.default)
-        opts = {"help": f"{f.metadata.get('help', '')} (default: {default})", "default": default}
+        help = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help strings with %
+        opts = {"help": f"{help} (default: {default})", "default": default}
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[X] -> X
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if kind is bool:
@@ -371,6 +372,16 @@ def pad(seqs: list[list[int]], pad_id: int, left: bool = True, device="cpu"):
         sl = slice(T - len(s), T) if left else slice(0, len(s))
         ids[i, sl], mask[i, sl] = torch.tensor(s, dtype=torch.long), 1
     return ids.to(device), mask.to(device)
+
+
+def generation_config(tok, temperature: float, max_new_tokens: int):
+    """Plain temperature sampling (greedy at 0) from a fresh config, so no warper of the model's own
+    generation_config.json (top_k, top_p, repetition penalty) changes what is sampled: PPO scores
+    the samples with temperature-scaled log-probs, which must be the sampling distribution."""
+    from transformers import GenerationConfig
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else {}
+    return GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
 
 
 # ---------------------------------------------------------------- log-probs

@@ -47,7 +47,7 @@ def worker(model_path: str, out: str):
     salsa.save_model(f"{out}/model", model, tok, dist=dist)
 
     prompt, prompt_mask = salsa.pad([ids[:6] for ids, _ in batch[:2]], tok.pad_token_id, device=dist.device)
-    cfg = ppo.generation_config(tok, 1.0, 2 + 6 * dist.rank)  # rank 1 samples 8 tokens, rank 0 only 2
+    cfg = salsa.generation_config(tok, 1.0, 2 + 6 * dist.rank)  # rank 1 samples 8 tokens, rank 0 only 2
     cfg.eos_token_id = -1  # no early stop: the lengths differ for sure
     seq, *_ = ppo.rollout(model, prompt, prompt_mask, cfg, synced=dist.world > 1)
     sharded = all(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())

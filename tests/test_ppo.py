@@ -59,7 +59,7 @@ def test_first_minibatch_ratio_is_exactly_one(setup, tok):
     policy = ppo.PolicyWithValue(salsa.load_model(setup["a"], tok))
     prompt, pmask = salsa.pad([salsa.prompt_ids(tok, p) for p in PROMPTS[:4]], tok.pad_token_id)
     assert len(set(pmask.sum(-1).tolist())) > 1  # really different lengths
-    seq, mask, rmask, _ = ppo.rollout(policy, prompt, pmask, ppo.generation_config(tok, 0.7, 8), False)
+    seq, mask, rmask, _ = ppo.rollout(policy, prompt, pmask, salsa.generation_config(tok, 0.7, 8), False)
     P = prompt.shape[1]
     groups = ppo.micro_batches(pmask, 2)
     with torch.no_grad():
@@ -89,7 +89,7 @@ def test_sampling_matches_scoring_distribution(setup, tok):
     lm = salsa.load_model(setup["a"], tok)
     lm.generation_config.top_k, lm.generation_config.top_p = 5, 0.5  # a model config that would bias sampling
     prompt, pmask = salsa.pad([salsa.prompt_ids(tok, p) for p in PROMPTS[:3]], tok.pad_token_id)
-    cfg = ppo.generation_config(tok, 0.7, 5)
+    cfg = salsa.generation_config(tok, 0.7, 5)
     lm.generation_config = cfg
     out = lm.generate(input_ids=prompt, attention_mask=pmask, generation_config=cfg, output_scores=True,
                       return_dict_in_generate=True)
