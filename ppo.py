@@ -63,7 +63,7 @@ class Args:
     batch_size: int = salsa.arg(8, "prompts per PPO step, over all ranks (App. A.3)")
     ppo_epochs: int = salsa.arg(2, "optimisation epochs over each batch (App. A.3)")
     minibatches: int = salsa.arg(1, "optimizer steps per epoch; batch_size must divide evenly")
-    micro_batch: int = salsa.arg(2, "rows per forward/backward on each rank (gradient accumulation; memory)")
+    micro_batch: int = salsa.arg(1, "rows per forward/backward on each rank (App. A.3's batch 8 on 8 GPUs is 1)")
     steps: int = salsa.arg(0, "PPO steps; 0 = one pass over the prompts")
     temperature: float = salsa.arg(0.7, "sampling temperature (rollout and scoring alike)")
     max_new_tokens: int = salsa.arg(64, "response length limit")
@@ -346,6 +346,7 @@ def main(args: Args):
 
         # 6. PPO epochs × minibatches × micro-batches; losses are token means over each minibatch.
         policy.train()
+        lr = sched.get_last_lr()[0]  # this step's first update
         stats, n_tok = {}, 0.0
         for _ in range(args.ppo_epochs):
             for mb in torch.randperm(len(groups)).view(args.minibatches, -1).tolist():
@@ -377,7 +378,7 @@ def main(args: Args):
             **{k: v / n_tok for k, v in stats.items()},  # token means over all epochs and minibatches
             "ppo/grad_norm_last": salsa.full(grad_norm).item(),  # the last minibatch's, before clipping
             "val/explained_var": (1 - torch.var((returns - old_values)[rmask > 0]) / torch.var(returns[rmask > 0])).item(),
-            "lr": sched.get_last_lr()[0], "time/rollout": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2,
+            "lr": lr, "prompt_width": P, "time/rollout": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2,
         }
         if dist.world > 1:  # means of the ranks' values (exact for per-sequence means: equal rows per rank)
             names = [k for k in metrics if k != "step"]
