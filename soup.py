@@ -11,6 +11,7 @@ memory stays at a few chunks whatever the model size; config and tokenizer come 
 `soup_state_dicts` and `load_soup` do the same arithmetic in memory (ppo.py, eval.py's reward plane).
 The greedy soup (Wortsman et al. 2022) is ours: the paper uses the uniform one.
 """
+import functools
 import json
 import math
 import os
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 import salsa
@@ -53,26 +53,44 @@ class Args:
 
 
 # ---------------------------------------------------------------- ingredients
+@functools.lru_cache(maxsize=None)
+def read_header(file: str) -> tuple[int, dict]:
+    """(offset of the first data byte, {tensor: {dtype, shape, data_offsets}}) of a safetensors file,
+    whose format is an 8-byte little-endian header length, the JSON header, then the raw bytes."""
+    with open(file, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
 def read_layout(path: str) -> dict[str, tuple[str, str, list[int]]]:
     """{tensor: (file, safetensors dtype, shape)} of an HF model directory, one file or sharded."""
     index = Path(path, "model.safetensors.index.json")
     names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     layout = {}
     for file in [str(Path(path, name)) for name in names]:
-        with safe_open(file, "pt") as f:
-            for key in f.keys():
-                dtype = f.get_slice(key).get_dtype()
-                if dtype not in DTYPES:
-                    raise ValueError(f"{file}: tensor {key} has dtype {dtype}, which soup.py cannot read")
-                layout[key] = (file, dtype, f.get_slice(key).get_shape())
+        for key, spec in read_header(file)[1].items():
+            if spec["dtype"] not in DTYPES:
+                raise ValueError(f"{file}: tensor {key} has dtype {spec['dtype']}, which soup.py cannot read")
+            layout[key] = (file, spec["dtype"], spec["shape"])
     return layout
 
 
 def read_tensor(file: str, key: str, rows: slice | None = None) -> torch.Tensor:
-    # safe_open maps the whole file and the pages it touches stay resident while the mapping lives;
-    # opening it per chunk keeps memory at one chunk per ingredient instead of the whole model.
-    with safe_open(file, "pt") as f:
-        return f.get_tensor(key) if rows is None else f.get_slice(key)[rows]
+    """A tensor, or a range of its rows, read with plain file reads. Memory-mapping (safe_open) would
+    keep every touched page of the file resident; a read keeps only the chunk."""
+    start, header = read_header(file)
+    spec = header[key]
+    dtype, shape, (begin, end) = DTYPES[spec["dtype"]], spec["shape"], spec["data_offsets"]
+    if rows is not None:
+        lo, hi = rows.indices(shape[0])[:2]
+        row_bytes = (end - begin) // shape[0]
+        begin, end, shape = begin + lo * row_bytes, begin + hi * row_bytes, [hi - lo] + shape[1:]
+    with open(file, "rb") as fh:  # (a zero-filled bytearray + readinto page-faults every chunk anew)
+        fh.seek(start + begin)
+        data = bytearray(fh.read(end - begin))
+    return torch.frombuffer(data, dtype=dtype).view(shape) if data else torch.empty(shape, dtype=dtype)
 
 
 def check_same(specs: list[dict], names: list[str]):
@@ -92,18 +110,26 @@ def check_same(specs: list[dict], names: list[str]):
                                  "not averaged")
 
 
+def vocabulary(path: str):
+    """What must match for token ids to mean the same in two models: the config's vocab_size and the
+    tokenizer's tokens (read from its files: importing transformers would double a soup's time)."""
+    size = json.loads(Path(path, "config.json").read_text())["vocab_size"]
+    if Path(path, "tokenizer.json").exists():
+        tokenizer = json.loads(Path(path, "tokenizer.json").read_text())
+        return size, tokenizer["model"].get("vocab"), [t["content"] for t in tokenizer.get("added_tokens", [])]
+    return size, Path(path, "tokenizer.model").read_bytes() if Path(path, "tokenizer.model").exists() else None
+
+
 def check_ingredients(paths: list[str]) -> list[dict]:
     """The layouts of all ingredients, after refusing any whose tensors, vocabularies or non-float
     buffers differ from the first's. Reads only headers, configs, tokenizers and buffers."""
-    from transformers import AutoTokenizer
     layouts = [read_layout(p) for p in paths]
     check_same([{k: (dtype, shape, None if DTYPES[dtype].is_floating_point else read_tensor(file, k))
                  for k, (file, dtype, shape) in layout.items()} for layout in layouts], paths)
-    vocabs = [(json.loads(Path(p, "config.json").read_text())["vocab_size"], len(AutoTokenizer.from_pretrained(p)))
-              for p in paths]
+    vocabs = [vocabulary(p) for p in paths]
     for p, vocab in zip(paths[1:], vocabs[1:]):
         if vocab != vocabs[0]:
-            raise ValueError(f"{p}: (config vocab_size, tokenizer length) = {vocab}, {paths[0]} has {vocabs[0]}: "
+            raise ValueError(f"{p}: its vocabulary (config vocab_size or tokenizer tokens) differs from {paths[0]}'s: "
                              "soup models with one vocabulary")
     return layouts
 
