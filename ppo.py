@@ -305,6 +305,9 @@ def main(args: Args):
         sched.load_state_dict(state["sched"])
         kl_coef, start, first = state["kl_coef"], state["step"], state["first"]
         salsa.set_rng_state(state["rng"], dist)
+        if dist.main:  # the interrupted run may have logged steps past its checkpoint: they are redone
+            log = f"{ckpt_dir}/metrics.jsonl"
+            Path(log).write_text("".join(json.dumps(r) + "\n" for r in salsa.read_jsonl(log) if r["step"] <= start))
         salsa.log0(dist, f"resumed from {resume_from} at step {start}")
 
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not dist.main, desc="ppo")
