@@ -286,8 +286,9 @@ def main(args: Args):
 
     kw = dict(dtype=args.dtype, attn=args.attn, device=dist.device, dist=dist)
     resume_from = salsa.latest_checkpoint(ckpt_dir) if args.resume else None
-    state = torch.load(f"{resume_from}/trainer_state.pt", weights_only=False, mmap=True) if resume_from else None
-    policy = PolicyWithValue(salsa.load_model(resume_from or args.model, tok, **kw, train=True))
+    state = salsa.load_trainer_state(resume_from, dist) if resume_from else None
+    # a sharded (torchrun) checkpoint holds no HF weights: load_optimizer_state restores them
+    policy = PolicyWithValue(salsa.load_model((dist.world == 1 and resume_from) or args.model, tok, **kw, train=True))
     if state:
         policy.v_head.load_state_dict(state["v_head"])
     policy = salsa.shard(policy.to(dist.device), dist, train=True)

@@ -194,23 +194,33 @@ def full(x: torch.Tensor) -> torch.Tensor:
     return x.full_tensor() if isinstance(x, torch.distributed.tensor.DTensor) else x
 
 
-def optimizer_state(model, opt, dist: Dist) -> dict:
-    """opt.state_dict(); under FSDP all of it on rank 0's CPU, keyed by parameter name."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+@dataclass
+class Sharded:
+    """Under FSDP, optimizer_state's value: when saved, this rank's shards of the trained module and its
+    optimizer (DTensors, nothing gathered); when loaded, the checkpoint directory holding them."""
+    state: dict | str
+
+
+def optimizer_state(model, opt, dist: Dist):
+    """opt.state_dict(); under FSDP the Sharded state of `model` (the module `opt` trains) and `opt`."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
     if dist.world == 1:
         return opt.state_dict()
     reshard(model)
-    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return Sharded(dict(zip(("model", "optim"), get_state_dict(model, opt))))
 
 
-def load_optimizer_state(model, opt, state: dict, dist: Dist):
-    """Inverse of optimizer_state, for the same number of ranks; only rank 0's `state` is read."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def load_optimizer_state(model, opt, state, dist: Dist):
+    """Inverse of optimizer_state, for the same number of ranks; under FSDP it also restores the
+    weights of `model` from the checkpoint's shards (a sharded checkpoint has no HF weights)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     if dist.world == 1:
         return opt.load_state_dict(state)
     reshard(model)
-    set_optimizer_state_dict(model, opt, state if dist.main else {},
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    shards = dict(zip(("model", "optim"), get_state_dict(model, opt)))  # the layout dcp.load fills in place
+    dcp.load(shards, checkpoint_id=state.state)
+    set_state_dict(model, opt, model_state_dict=shards["model"], optim_state_dict=shards["optim"])
 
 
 # ---------------------------------------------------------------- models and tokenizers
@@ -480,21 +490,41 @@ def save_model(out: str, model, tok, files: dict | None = None, dist: Dist = Dis
 
 def save_checkpoint(ckpt_dir: str, step: int, model, tok, state: dict, keep: int = 2, dist: Dist = Dist()):
     """A resumable checkpoint `ckpt_dir/step-00000123` (model + trainer state), atomic; the
-    older ones beyond `keep` are deleted only after the new one is complete. Collective under FSDP."""
+    older ones beyond `keep` are deleted only after the new one is complete. Under FSDP (a collective)
+    no HF weights: each rank writes its shards of the Sharded entry (`*.distcp`, torch.distributed.checkpoint)
+    and rank 0 the rest to trainer_state.pt, so nothing is gathered (a 7B model + Adam: ~87 GB on rank 0)."""
+    import torch.distributed.checkpoint as dcp
     path = Path(ckpt_dir) / f"step-{step:08d}"
-    weights = full_state_dict(model, dist) if dist.world > 1 else None
-    if not dist.main:
-        return
-    save_atomic(str(path), lambda tmp: (model.save_pretrained(tmp, safe_serialization=True, state_dict=weights),
-                                        tok.save_pretrained(tmp), torch.save(state, Path(tmp, "trainer_state.pt"))))
-    done = sorted(p for p in Path(ckpt_dir).glob("step-*") if (p / "trainer_state.pt").exists())
-    for old in done[:-keep]:
-        shutil.rmtree(old)
+    if dist.world == 1:
+        save_atomic(str(path), lambda tmp: (model.save_pretrained(tmp, safe_serialization=True),
+                                            tok.save_pretrained(tmp), torch.save(state, Path(tmp, "trainer_state.pt"))))
+    else:
+        tmp = path.parent / f".{path.name}.tmp"  # one name on every rank (save_atomic's carries the pid)
+        dcp.save(next(v.state for v in state.values() if isinstance(v, Sharded)), checkpoint_id=tmp)
+        if dist.main:
+            tok.save_pretrained(tmp)
+            torch.save({k: Sharded("") if isinstance(v, Sharded) else v for k, v in state.items()},
+                       tmp / "trainer_state.pt")
+            os.replace(tmp, path)  # dcp.save returns once every rank's shards are written
+        torch.distributed.barrier()  # no rank goes on (and may crash) before the checkpoint is complete
+    if dist.main:
+        done = sorted(p for p in Path(ckpt_dir).glob("step-*") if (p / "trainer_state.pt").exists())
+        for old in done[:-keep]:
+            shutil.rmtree(old)
 
 
 def latest_checkpoint(ckpt_dir: str) -> str | None:
     done = sorted(p for p in Path(ckpt_dir).glob("step-*") if (p / "trainer_state.pt").exists())
     return str(done[-1]) if done else None
+
+
+def load_trainer_state(path: str, dist: Dist = Dist()) -> dict:
+    """trainer_state.pt of a checkpoint; its Sharded entry (FSDP) comes back pointing at the shards."""
+    state = torch.load(Path(path, "trainer_state.pt"), map_location="cpu", weights_only=False, mmap=True)
+    if any(isinstance(v, Sharded) for v in state.values()) != (dist.world > 1):
+        raise ValueError(f"{path}: written {'by one process' if dist.world > 1 else 'sharded, under torchrun'}: "
+                         "resume it the same way, with the same number of ranks")
+    return {k: Sharded(path) if isinstance(v, Sharded) else v for k, v in state.items()}
 
 
 def prepare_out(out: str, resume: bool) -> str:

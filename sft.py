@@ -131,14 +131,16 @@ def main(args: Args):
     order = torch.cat([torch.randperm(len(train), generator=g) for _ in range(shuffles)]).tolist()
 
     start = salsa.latest_checkpoint(ckpt) if args.resume else None
-    model = salsa.load_model(start or args.model, tok, args.dtype, args.attn, dist.device, dist, train=True)
+    state = salsa.load_trainer_state(start, dist) if start else None
+    # a sharded (torchrun) checkpoint holds no HF weights: load_optimizer_state restores them
+    model = salsa.load_model((dist.world == 1 and start) or args.model, tok, args.dtype, args.attn, dist.device, dist,
+                             train=True)
     # eps 1e-8 and betas (0.9, 0.999): PyTorch's and the HF Trainer's defaults, which the paper's TRL runs used.
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: salsa.lr_lambda(s, total, warmup, args.schedule))
     flags = {k: v for k, v in asdict(args).items() if k != "resume"}
     step, log = 0, f"{ckpt}/metrics.jsonl"
     if start:
-        state = torch.load(f"{start}/trainer_state.pt", map_location="cpu", weights_only=False, mmap=True)
         changed = [k for k in flags if state["flags"].get(k) != flags[k]]
         if changed:
             raise ValueError(f"{start} was made with other flags ({', '.join(changed)}): resume with the same ones")

@@ -116,8 +116,8 @@ def test_rollout_with_different_lengths_per_rank_does_not_hang(runs):
 
 
 def test_ppo_under_torchrun_and_its_resume(tiny, tok, tmp_path):
-    """ppo.py with an in-memory soup reference, sharded policy, soup and reward model; its gathered
-    checkpoint resumed (optimizer state broadcast, each rank its own generators) gives the same run."""
+    """ppo.py with an in-memory soup reference, sharded policy, soup and reward model; its sharded
+    checkpoint (torch.distributed.checkpoint, each rank its own generators) resumed gives the same run."""
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
     from conftest import make_tiny
@@ -145,7 +145,13 @@ def test_ppo_under_torchrun_and_its_resume(tiny, tok, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[0]["objective/kl"] != 0.0
     assert "lm_head.weight" not in weights and v_head["weight"].shape == (1, 32)
     out.rename(tmp_path / "first")
-    assert salsa.latest_checkpoint(f"{out}.ckpt").endswith("step-00000002")
+    ckpt = Path(salsa.latest_checkpoint(f"{out}.ckpt"))
+    assert ckpt.name == "step-00000002"
+    # sharded: each rank wrote its own shards, and nothing gathered (no HF weights, no full optimizer state)
+    assert sorted(f.name for f in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not list(ckpt.glob("*.safetensors"))
+    trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert isinstance(trainer_state["opt"], salsa.Sharded) and trainer_state["opt"].state == ""
     rows2, weights2, v_head2 = ppo_run("--resume")
     by_step = {r["step"]: r for r in rows}  # ppo.py appends: the resumed run logs step 3 a second time
     assert {r["step"] for r in rows2} == {1, 2, 3} and all(r == by_step[r["step"]] for r in rows2)
