@@ -263,10 +263,8 @@ def sft_loss(model, batches) -> float:
     """Held-out SFT loss: mean negative log-likelihood per assistant token."""
     total, count = 0.0, 0
     for ids, mask, labels in batches:
-        hidden = salsa.hidden_states(model, ids, mask)  # (B, T, d)
-        keep = labels[:, 1:] != -100  # (B, T-1): the state at t predicts token t+1
-        logp, _ = salsa.token_logprobs(model, hidden[:, :-1][keep], labels[:, 1:][keep])  # (N,)
-        total, count = total - logp.sum().item(), count + keep.sum().item()
+        nll, n = salsa.sft_nll(model, ids, mask, labels)
+        total, count = total + nll.item(), count + n
     return total / count
 
 
