@@ -96,25 +96,24 @@ class PolicyWithValue(nn.Module):
 
     def forward(self, ids, mask, n_prompt: int, temperature: float):
         """log π(y_t | ...), entropy and V for each response position t, each (B, R)."""
-        h = salsa.hidden_states(self.lm, ids, mask)[:, n_prompt - 1:-1]  # (B, R, d): states that predict y_t
-        logp, entropy = salsa.token_logprobs(self.lm, h, ids[:, n_prompt:], temperature)
+        logp, entropy, h = response_logprobs(self.lm, ids, mask, n_prompt, temperature)
         return logp, entropy, self.v_head(h).squeeze(-1).float()
 
     def generate(self, **kw):  # sampling goes through the FSDP root too: salsa.shard registers this as a forward
         return self.lm.generate(**kw)
 
 
-def ref_logprobs(model, ids, mask, n_prompt: int, temperature: float):
-    h = salsa.hidden_states(model, ids, mask)[:, n_prompt - 1:-1]  # (B, R, d)
-    return salsa.token_logprobs(model, h, ids[:, n_prompt:], temperature)[0]
+def response_logprobs(model, ids, mask, n_prompt: int, temperature: float):
+    """log π(y_t | ...) and entropy (B, R) of the response tokens, and the states that predict them."""
+    h = salsa.hidden_states(model, ids, mask)[:, n_prompt - 1:-1]  # (B, R, d): states that predict y_t
+    return *salsa.token_logprobs(model, h, ids[:, n_prompt:], temperature), h
 
 
 def kl_per_token(logp, ref_logp, estimator: str):
-    """Per-token KL(π‖π_ref) estimate from samples of π: k1 is unbiased, k3 unbiased and ≥ 0."""
+    """Per-token KL(π‖π_ref) estimate from samples of π: k1 = log π - log π_ref is unbiased;
+    k3 = (r - 1) - log r, r = π_ref / π, is unbiased and ≥ 0."""
     log_ratio = logp - ref_logp
-    if estimator == "k1":
-        return log_ratio
-    return torch.expm1(-log_ratio) + log_ratio  # k3 = (r - 1) - log r, r = π_ref / π
+    return log_ratio if estimator == "k1" else torch.expm1(-log_ratio) + log_ratio
 
 
 def response_mask(resp, eos_id: int):
@@ -142,10 +141,6 @@ def gae(rewards, values, mask, gamma: float, lam: float):
         last = delta + gamma * lam * last
         adv[:, t] = last
     return adv * mask, (adv + values) * mask
-
-
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum()
 
 
 def whiten(x, mask, shift_mean=True, dist=salsa.Dist()):
@@ -201,21 +196,19 @@ def rollout(model, prompt, prompt_mask, gen_cfg, synced: bool):
 
 def load_prompts(args, tok) -> list[list[int]]:
     """Prompt token ids: rows with `prompt` (UltraFeedback) or `messages` (UltraChat, up to the last user turn)."""
-    prompts, too_long = [], 0
+    every = []
     for i, row in enumerate(salsa.read_rows(args.data, args.split)):
         where = f"{args.data} row {i}"
         if "prompt" in row:
-            ids = salsa.prompt_ids(tok, row["prompt"], where)
+            every.append(salsa.prompt_ids(tok, row["prompt"], where))
         else:
             msgs = salsa.check_messages(row.get("messages"), where)
             last_user = max(j for j, m in enumerate(msgs) if m["role"] == "user")
-            ids = salsa.prompt_ids(tok, msgs[: last_user + 1], where)
-        if len(ids) > args.max_prompt_len:
-            too_long += 1
-        else:
-            prompts.append(ids)
-    if too_long:
-        print(f"{args.data}: dropped {too_long} prompts longer than --max-prompt-len {args.max_prompt_len}")
+            every.append(salsa.prompt_ids(tok, msgs[: last_user + 1], where))
+    prompts = [ids for ids in every if len(ids) <= args.max_prompt_len]
+    if len(prompts) < len(every):
+        print(f"{args.data}: dropped {len(every) - len(prompts)} prompts longer than "
+              f"--max-prompt-len {args.max_prompt_len}")
     if len(prompts) < args.batch_size:
         raise ValueError(f"{args.data}: {len(prompts)} usable prompts, fewer than --batch-size {args.batch_size}")
     return prompts
@@ -224,11 +217,11 @@ def load_prompts(args, tok) -> list[list[int]]:
 def load_references(args, tok, dist):
     """[(model, weight)]: the frozen models whose weighted per-token KLs form the penalty."""
     kw = dict(dtype=args.dtype, attn=args.attn, device=dist.device, dist=dist)
-    if args.ref == "sft":
+    if args.ref == "sft":  # eq. 2
         refs = [(salsa.load_model(args.model, tok, **kw), 1.0)]
     elif args.ref == "mkl":  # eq. 5: β/2·[KL(π‖π_ref) + KL(π‖π_other)]
         refs = [(salsa.load_model(p, tok, **kw), 1.0 / len(args.soup_models)) for p in args.soup_models]
-    elif args.soup:
+    elif args.soup:  # eq. 4 with the soup directory soup.py wrote
         refs = [(salsa.load_model(args.soup, tok, **kw), 1.0)]
     else:  # eq. 3, built in memory: no soup checkpoint needed
         from soup import load_soup
@@ -246,8 +239,9 @@ def check_args(args):
     args.model = args.model or args.soup_models[0]
     if args.ref in ("soup", "mkl") and args.soup_models and args.soup_models[0] != args.model:
         raise SystemExit(f"the policy starts from the first soup model: --model {args.model} != {args.soup_models[0]}")
-    if args.ref == "mkl" and len(args.soup_models) < 2 or args.ref == "soup" and not (args.soup or len(args.soup_models) >= 2):
-        raise SystemExit(f"--ref {args.ref} needs --soup-models A B [...]" + (" or --soup DIR" if args.ref == "soup" else ""))
+    if (args.ref == "mkl" or args.ref == "soup" and not args.soup) and len(args.soup_models) < 2:
+        alternative = " or --soup DIR" if args.ref == "soup" else ""
+        raise SystemExit(f"--ref {args.ref} needs --soup-models A B [...]{alternative}")
     if args.init_kl_coef < 0:
         args.init_kl_coef = 0.01 if args.ref == "soup" else 0.2  # App. A.3 (MKL: none given; as PPO)
     for path in [args.model, args.reward, args.soup] + args.soup_models:
@@ -275,6 +269,7 @@ def main(args: Args):
     check_args(args)
     dist = salsa.setup_dist(args.seed)
     ckpt_dir = salsa.prepare_out(args.out, args.resume)
+    log = f"{ckpt_dir}/metrics.jsonl"
     tok = salsa.load_tokenizer(args.model)
     prompts = load_prompts(args, tok)
     local_batch = args.batch_size // dist.world  # derived sizes, checked to divide evenly
@@ -307,7 +302,6 @@ def main(args: Args):
         kl_coef, start, first = state["kl_coef"], state["step"], state["first"]
         salsa.set_rng_state(state["rng"], dist)
         if dist.main:  # the interrupted run may have logged steps past its checkpoint: they are redone
-            log = f"{ckpt_dir}/metrics.jsonl"
             Path(log).write_text("".join(json.dumps(r) + "\n" for r in salsa.read_jsonl(log) if r["step"] <= start))
         salsa.log0(dist, f"resumed from {resume_from} at step {start}")
 
@@ -335,7 +329,7 @@ def main(args: Args):
                 score[g] = salsa.reward_scores(rm, ids, m)
                 # 3. Old log-probs, values and reference log-probs, teacher-forced, temperature-scaled.
                 old_logp[g], entropy[g], old_values[g] = policy(ids, m, n_prompt, args.temperature)  # (b, R) each
-                kl[g] = sum(w * kl_per_token(old_logp[g], ref_logprobs(ref, ids, m, n_prompt, args.temperature),
+                kl[g] = sum(w * kl_per_token(old_logp[g], response_logprobs(ref, ids, m, n_prompt, args.temperature)[0],
                                              args.kl_estimator) for ref, w in refs)  # mkl: the mean of two KLs (eq. 5)
             score -= args.missing_eos_penalty * (~has_eos).float()  # responses that never stop
             rmask = resp_mask.to(old_logp.dtype)  # (B, R)
@@ -376,7 +370,7 @@ def main(args: Args):
             "step": step + 1, "kl_coef": kl_coef,
             "objective/score": score.mean().item(), "objective/kl": seq_kl,
             "objective/non_score_reward": (-kl_coef * kl * rmask).sum(-1).mean().item(),
-            "objective/entropy": masked_mean(entropy, rmask).item(),
+            "objective/entropy": ((entropy * rmask).sum() / rmask.sum()).item(),
             "objective/response_len": rmask.sum(-1).mean().item(),
             "objective/no_eos_frac": (~has_eos).float().mean().item(),
             **{k: v / n_tok for k, v in stats.items()},  # token means over all epochs and minibatches
@@ -393,7 +387,7 @@ def main(args: Args):
             kl_coef = adaptive_kl(kl_coef, seq_kl, args.target_kl, args.kl_horizon, args.batch_size)
         first = first or metrics
         if dist.main:
-            salsa.log_jsonl(f"{ckpt_dir}/metrics.jsonl", metrics)
+            salsa.log_jsonl(log, metrics)
             bar.set_postfix(score=f"{metrics['objective/score']:.3f}", kl=f"{seq_kl:.3f}",
                             len=f"{metrics['objective/response_len']:.1f}")
             alarm(metrics, first)
@@ -404,8 +398,7 @@ def main(args: Args):
                      "opt": salsa.optimizer_state(policy, opt, dist), "sched": sched.state_dict(),
                      "kl_coef": kl_coef, "step": step + 1, "first": first, "rng": salsa.rng_state(dist)}
             salsa.save_checkpoint(ckpt_dir, step + 1, policy.lm, tok, state, dist=dist)
-    save_policy(args.out, policy, tok, dist, files={"metrics.json": salsa.read_jsonl(f"{ckpt_dir}/metrics.jsonl")[-1],
-                                                    "args.json": vars(args)})
+    save_policy(args.out, policy, tok, dist, files={"metrics.json": salsa.read_jsonl(log)[-1], "args.json": vars(args)})
     salsa.log0(dist, f"saved {args.out}")
 
 

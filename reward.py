@@ -63,8 +63,7 @@ def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
 
 
 def tokenize_pair(tok, row, where: str):
-    """(prompt, chosen, rejected) ids of a checked row; each side is the chat rendering cut right after
-    the EOS closing the final response, i.e. prompt_ids(prompt) + response + EOS."""
+    """(prompt, chosen, rejected) ids of a checked row: each side's chat rendering up to its response's EOS."""
     for key in ("chosen", "rejected"):
         messages = salsa.check_messages(row.get(key) if isinstance(row, dict) else None, f"{where} `{key}`")
         if messages[-1]["role"] != "assistant":
@@ -82,10 +81,9 @@ def tokenize_pair(tok, row, where: str):
 
 
 def load_pairs(tok, source: str, split: str, max_len: int, dist) -> list[tuple]:
-    rows = salsa.read_rows(source, split)
     name = source if os.path.exists(source) else f"{source}[{split}]"
-    pairs = [tokenize_pair(tok, row, f"{name} row {i}")
-             for i, row in enumerate(tqdm(rows, desc=f"tokenize {name}", disable=not dist.main))]
+    pairs = [tokenize_pair(tok, row, f"{name} row {i}") for i, row in
+             enumerate(tqdm(salsa.read_rows(source, split), desc=f"tokenize {name}", disable=not dist.main))]
     kept = [p for p in pairs if max(len(p[1]), len(p[2])) <= max_len]
     salsa.log0(dist, f"{name}: {len(kept)} pairs, {len(pairs) - len(kept)} dropped for a side longer than "
                      f"--max-len {max_len}")

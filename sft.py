@@ -53,9 +53,8 @@ class Args:
 
 def read_chats(source: str, split: str) -> list[tuple[str, list[dict]]]:
     """(where, messages) per row, every row checked before anything is written."""
-    rows = salsa.read_rows(source, split)
     chats = []
-    for i, row in enumerate(rows, 1):
+    for i, row in enumerate(salsa.read_rows(source, split), 1):
         where = f"{source} row {i}"
         chats.append((where, salsa.check_messages(row.get("messages") if isinstance(row, dict) else None, where)))
     return chats
@@ -103,7 +102,6 @@ def main(args: Args):
     dist = salsa.setup_dist(args.seed)
     if args.batch_size % (dist.world * args.micro_batch):
         raise ValueError(f"--batch-size {args.batch_size} must split into {dist.world} rank(s) x --micro-batch {args.micro_batch}")
-    per_rank = args.batch_size // dist.world
     tok = salsa.load_tokenizer(args.model)
     chats = read_chats(args.data, args.split)
     train, held = (chats, read_chats(args.eval_data, args.eval_split)) if args.eval_data else hold_out(chats, args.eval_frac)
@@ -133,8 +131,7 @@ def main(args: Args):
     flags = {k: v for k, v in asdict(args).items() if k != "resume"}
     step, log = 0, f"{ckpt}/metrics.jsonl"
     if start:
-        changed = [k for k in flags if state["flags"].get(k) != flags[k]]
-        if changed:
+        if changed := [k for k in flags if state["flags"].get(k) != flags[k]]:
             raise ValueError(f"{start} was made with other flags ({', '.join(changed)}): resume with the same ones")
         salsa.load_optimizer_state(model, opt, state["optimizer"], dist)
         sched.load_state_dict(state["scheduler"])
@@ -152,7 +149,7 @@ def main(args: Args):
         batch = [train[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
         mine, n_tok = batch[dist.rank::dist.world], n_labels(batch)  # n_tok counts all ranks' tokens
         nll = torch.zeros((), dtype=torch.float64, device=dist.device)
-        for i in range(0, per_rank, args.micro_batch):
+        for i in range(0, len(mine), args.micro_batch):
             nll_sum, _ = salsa.sft_nll(model, *collate(mine[i:i + args.micro_batch], tok.pad_token_id, dist.device))
             (nll_sum / n_tok).backward()
             nll += nll_sum.detach().double()

@@ -192,9 +192,8 @@ def nbytes(spec: tuple) -> int:
 
 
 def write_shard(file: str, keys: list[str], layouts: list[dict], weights: list[float], bar):
-    """One safetensors file written as the soup is computed. safetensors' save_file would need the whole
-    shard in memory; the format is an 8-byte header length, a JSON header (padded to 8 bytes) giving each
-    tensor's dtype, shape and byte range, then the raw bytes, so the header is known from the inputs'."""
+    """One safetensors file (format: read_header) written as the soup is computed: save_file would need the
+    whole shard in memory. The header, its JSON padded to 8 bytes, is known from the inputs' headers."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for key in keys:
         _, dtype, shape = layouts[0][key]
@@ -261,11 +260,8 @@ def heldout_batches(tok, source: str, rows: int, max_len: int, batch_size: int) 
 @torch.no_grad()
 def sft_loss(model, batches) -> float:
     """Held-out SFT loss: mean negative log-likelihood per assistant token."""
-    total, count = 0.0, 0
-    for ids, mask, labels in batches:
-        nll, n = salsa.sft_nll(model, ids, mask, labels)
-        total, count = total + nll.item(), count + n
-    return total / count
+    sums = [salsa.sft_nll(model, *batch) for batch in batches]  # (summed NLL, token count) per batch
+    return sum(nll.item() for nll, _ in sums) / sum(n for _, n in sums)
 
 
 def greedy_soup(paths: list[str], score) -> list[int]:
