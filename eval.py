@@ -229,8 +229,7 @@ def call_api(url: str, model: str, key: str | None, system: str, user: str, args
 def judge_api(args: Args, games: dict) -> dict:
     """{game: reply text, or None for an error}, through the on-disk cache; new replies appended as they come.
     A reply with no verdict was paid for: it is cached and stays an error (delete its line to ask again)."""
-    url = args.judge_url.rstrip("/")
-    url += "" if url.endswith("/chat/completions") else "/chat/completions"
+    url = args.judge_url.rstrip("/").removesuffix("/chat/completions") + "/chat/completions"
     text = Path(args.cache).read_text() if Path(args.cache).exists() else ""
     cache = {}
     for line in text.splitlines():
@@ -254,11 +253,10 @@ def judge_api(args: Args, games: dict) -> dict:
             game = futures[f]
             try:
                 cache[keys[game]] = f.result()
+                salsa.log_jsonl(args.cache, {"key": keys[game], "judge": args.judge_model, "game": game,
+                                             "judgment": cache[keys[game]]})
             except JudgeError as e:
                 tqdm.write(f"judge error on {game}: {e}")
-                continue
-            salsa.log_jsonl(args.cache, {"key": keys[game], "judge": args.judge_model, "game": game,
-                                         "judgment": cache[keys[game]]})
     finally:  # a bad key or URL fails every request, Ctrl-C stops the run: ask nothing more
         pool.shutdown(wait=False, cancel_futures=True)
     return {g: cache.get(keys[g]) for g in games}
@@ -271,9 +269,7 @@ def local_scores(args: Args, runs: dict, units: list) -> dict:
     prompts, answers = [conversation(t, ans[qid], k) for ans, qid, t, k in flat], [ans[q][k] for ans, q, _, k in flat]
     kind, _, spec = args.judge.partition(":")
     if kind == "py":
-        sys.path.insert(0, os.getcwd())
-        module, _, name = spec.partition(":")
-        s = [float(getattr(importlib.import_module(module), name)(p, a)) for p, a in zip(prompts, answers)]
+        s = [float(py_judge(spec)(p, a)) for p, a in zip(prompts, answers)]
     elif kind == "rm":
         device = salsa.setup_dist(args.seed).device
         tok, rm = salsa.load_tokenizer(spec), salsa.load_reward_model(spec, args.dtype, args.attn, device)
@@ -283,6 +279,13 @@ def local_scores(args: Args, runs: dict, units: list) -> dict:
     else:
         raise ValueError(f"--judge {args.judge}: expected api, rm:DIR or py:module:function")
     return {m: s[i * len(units):(i + 1) * len(units)] for i, m in enumerate(runs)}
+
+
+def py_judge(spec: str):
+    """The function `module:function` of (question, answer) -> score, importable from the working directory."""
+    sys.path.insert(0, os.getcwd())
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def summary(outcomes: list[str], n_boot: int, seed: int) -> dict:
@@ -341,24 +344,29 @@ def judge(args: Args):
 
 
 # ---------------------------------------------------------------- reward analyses (§4.2)
-def soup_rewards(args: Args, weights: list[list[float]]) -> list[list[float]]:
-    """Rewards of the answers to the first turns of --questions, one list per soup of --models. One model
-    object is reused: each soup is computed in memory and loaded into it, never written to disk."""
+def soup_rewards(args: Args, weights: list[list[float]]) -> list[tuple[list[float], list[float] | None]]:
+    """Rewards of the answers to the first turns of --questions, one list per soup of --models, and with
+    --judge py:module:function, that function's scores of the same answers too. One model object is
+    reused: each soup is computed in memory and loaded into it, never written to disk."""
     device = salsa.setup_dist(args.seed).device
     tok = salsa.load_tokenizer(args.models[0])
     states = [{k: read_tensor(f, k) for k, (f, _, _) in layout.items()} for layout in check_ingredients(args.models)]
     model = salsa.load_model(args.models[0], tok, args.dtype, args.attn, device).eval()
     rm = salsa.load_reward_model(args.reward, args.dtype, args.attn, device)
-    prompts = sorted((prompt_ids(tok, q["turns"][0], args.max_prompt_len, f"{args.questions} question {q['id']}")
-                      for q in load_questions(args.questions, args.split, args.limit)), key=len)
+    questions = sorted(((prompt_ids(tok, q["turns"][0], args.max_prompt_len, f"{args.questions} question {q['id']}"),
+                         q["turns"][0]) for q in load_questions(args.questions, args.split, args.limit)),
+                       key=lambda p: len(p[0]))  # similar lengths share a batch
+    prompts, gold = [p for p, _ in questions], py_judge(args.judge[3:]) if args.judge.startswith("py:") else None
     out = []
     for w in tqdm(weights, desc="soups"):
         missing, unexpected = model.load_state_dict(soup_state_dicts(states, w), strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:  # a tied lm_head is saved once, as the embedding
             raise ValueError(f"{args.models[0]}: saved tensors do not match the model: {missing} {unexpected}")
         answers = generate(model, tok, prompts, args)
-        out.append(rewards(rm, tok.pad_token_id, [p + a + [tok.eos_token_id] for p, a in zip(prompts, answers)],
-                           args.batch_size))
+        r = rewards(rm, tok.pad_token_id, [p + a + [tok.eos_token_id] for p, a in zip(prompts, answers)],
+                    args.batch_size)
+        out.append((r, gold and [float(gold(q, tok.decode(a, skip_special_tokens=True).strip()))
+                                 for (_, q), a in zip(questions, answers)]))
     return out
 
 
@@ -394,14 +402,18 @@ def plot(png: Path, draw):
 def alpha_line(args: Args):
     if len(args.models) != 2:
         raise ValueError("alpha-line needs --models REF OTHER (soup = (1 - alpha) REF + alpha OTHER, eq. 3)")
-    r = soup_rewards(args, [[1 - a, a] for a in args.alphas])
-    rows = [{"alpha": a, **reward_stats(x), "n": len(x)} for a, x in zip(args.alphas, r)]
+    rows = [{"alpha": a, **reward_stats(x), "n": len(x), **({"mean_gold": sum(g) / len(g)} if g else {})}
+            for a, (x, g) in zip(args.alphas, soup_rewards(args, [[1 - a, a] for a in args.alphas]))]
     write_csv(Path(args.out, "alpha_line.csv"), rows)
 
     def draw(plt):
         plt.errorbar(args.alphas, [r["mean_reward"] for r in rows], [r["stderr"] for r in rows], marker="o", capsize=3)
         plt.xlabel("alpha   (soup = (1 - alpha) ref + alpha other)")
         plt.ylabel("mean reward ± s.e.")
+        if "mean_gold" in rows[0]:
+            ax = plt.gca().twinx()
+            ax.plot(args.alphas, [r["mean_gold"] for r in rows], "s--", color="tab:orange")
+            ax.set_ylabel(f"mean score of {args.judge[3:]} (squares)", color="tab:orange")
     plot(Path(args.out, "alpha_line.png"), draw)
 
 
@@ -416,7 +428,7 @@ def plane(args: Args):
     pts = [(x, y) for y in ys for x in xs]  # rows of constant y, as imshow reads them
     weights = [[1 - x - y / (2 * h), x - y / (2 * h), y / h] for x, y in pts]
     rows = [{"x": x, "y": y, "w1": w[0], "w2": w[1], "w3": w[2], **reward_stats(r)}
-            for (x, y), w, r in zip(pts, weights, soup_rewards(args, weights))]
+            for (x, y), w, (r, _) in zip(pts, weights, soup_rewards(args, weights))]
     write_csv(Path(args.out, "plane.csv"), rows)
 
     def draw(plt):
@@ -442,10 +454,12 @@ def reward_hist(args: Args):
     write_csv(Path(args.out, "reward_hist.csv"), rows)
 
     def draw(plt):
-        for name in runs:
+        every = [r["reward"] for r in rows]
+        bins = torch.linspace(min(every), max(every), 31).tolist()  # one set of bins: the bars line up
+        for i, name in enumerate(runs):
             x = [r["reward"] for r in rows if r["model"] == name]
-            mean = plt.axvline(sum(x) / len(x), linestyle="--")
-            plt.hist(x, bins=30, alpha=0.5, color=mean.get_color(), label=f"{name} (mean {sum(x) / len(x):.3f})")
+            plt.axvline(sum(x) / len(x), linestyle="--", color=f"C{i}")
+            plt.hist(x, bins=bins, alpha=0.4, color=f"C{i}", label=f"{name} (mean {sum(x) / len(x):.3f})")
         plt.xlabel("reward")
         plt.legend()
     plot(Path(args.out, "reward_hist.png"), draw)

@@ -308,17 +308,25 @@ def test_questions_in_three_formats(tmp_path):
         ev.load_questions(write_jsonl(tmp_path / "bad.jsonl", [{"text": "no prompt"}]), "")
 
 
-def test_alpha_line_ends_are_the_ingredients(lab, tok):
+def test_alpha_line_ends_are_the_ingredients(lab, tok, monkeypatch):
+    """Rewards, and with --judge py:... that function's scores, of each end's own answers."""
     d, models, rm_path, qs = lab
-    args = ev.Args(models=models[:2], reward=rm_path, questions=qs, max_new_tokens=5, batch_size=2)
+    (d / "n_chars.py").write_text("def score(question, answer):\n    return len(question) + 1000 * len(answer)\n")
+    monkeypatch.chdir(d)
+    args = ev.Args(models=models[:2], reward=rm_path, questions=qs, max_new_tokens=5, batch_size=2,
+                   judge="py:n_chars:score")
     ends = ev.soup_rewards(args, [[1.0, 0.0], [0.0, 1.0]])
     rm = salsa.load_reward_model(rm_path)
-    for path, got in zip(models[:2], ends):
+    for path, (got, gold) in zip(models[:2], ends):
         model = salsa.load_model(path, tok).eval()
-        prompts = sorted((salsa.prompt_ids(tok, q["turns"][0]) for q in MT_BENCH), key=len)
+        questions = sorted(((salsa.prompt_ids(tok, q["turns"][0]), q["turns"][0]) for q in MT_BENCH), key=lambda p: len(p[0]))
+        prompts = [p for p, _ in questions]
         answers = ev.generate(model, tok, prompts, args)
         assert got == ev.rewards(rm, tok.pad_token_id, [p + a + [tok.eos_token_id] for p, a in zip(prompts, answers)], 2)
-    assert ends[0] != ends[1]
+        assert gold == [len(q) + 1000 * len(tok.decode(a, skip_special_tokens=True).strip()) for (_, q), a in zip(questions, answers)]
+    assert ends[0][0] != ends[1][0]
+    args.judge = "api"  # not a local function: rewards only
+    assert all(g is None for _, g in ev.soup_rewards(args, [[0.5, 0.5]]))
 
 
 def test_analyses_write_data_and_plots(lab):
