@@ -1,10 +1,9 @@
-# Two commands for a newcomer (README):  make demo   and   make test
+# Two commands for a newcomer (README):  make recipe   and   make test
 PY := .venv/bin/python
 MODEL := models/SmolLM2-135M-Instruct
-DEMO := runs/demo
 BENCH := runs/bench
 
-.PHONY: setup demo test bench bench-soup
+.PHONY: setup recipe test bench bench-soup
 setup: .venv/done $(MODEL)/config.json
 
 .venv/done: requirements.txt
@@ -25,28 +24,17 @@ $(MODEL)/config.json: .venv/done
 test: setup
 	$(PY) -m pytest -q tests
 
-# The pipeline on the offline default, at toy scale: SFT x2 seeds -> soup -> reward model -> SALSA.
-# Each stage is skipped when its output exists (rerun = resume).
-demo: setup $(DEMO)/salsa/config.json
-$(DEMO)/sft-seed%/config.json:
-	$(PY) sft.py --data data/chat.jsonl --seed $* --max-steps 12 --max-len 256 --eval-every 6 --out $(DEMO)/sft-seed$*
-$(DEMO)/soup/config.json: $(DEMO)/sft-seed1/config.json $(DEMO)/sft-seed2/config.json
-	$(PY) soup.py --models $(DEMO)/sft-seed1 $(DEMO)/sft-seed2 --alpha 0.5 --out $(DEMO)/soup
-$(DEMO)/rm/config.json: $(DEMO)/sft-seed1/config.json
-	$(PY) salsa.py toy-preferences data/chat.jsonl $(DEMO)/prefs.jsonl
-	$(PY) reward.py --model $(DEMO)/sft-seed1 --data $(DEMO)/prefs.jsonl --max-steps 12 --max-len 256 \
-		--norm-samples 16 --out $(DEMO)/rm
-$(DEMO)/salsa/config.json: $(DEMO)/soup/config.json $(DEMO)/rm/config.json
-	$(PY) ppo.py --ref soup --model $(DEMO)/sft-seed1 --soup $(DEMO)/soup --reward $(DEMO)/rm \
-		--data data/chat.jsonl --split train --steps 6 --save-every 3 --sample-every 3 --out $(DEMO)/salsa
-	@echo "done: final policy in $(DEMO)/salsa, metrics in $(DEMO)/salsa.ckpt/metrics.jsonl"
+# The paper end to end on the offline default (SFT x2 -> soup -> reward -> PPO and SALSA -> answers ->
+# gold-judged win rates and plots in runs/recipe/results.md): python salsa.py --help lists the flags.
+recipe: setup
+	$(PY) salsa.py --out runs/recipe
 
 # Speed and memory of one PPO step on SmolLM2-135M, 8 prompts x 64 new tokens, 2 epochs
 # (the setting TRL's PPO was timed at: 86-360 s/step, 20 GB peak RSS on this 2-core machine).
 bench: setup
 	rm -rf $(BENCH) && mkdir -p $(BENCH)
-	$(PY) salsa.py toy-preferences data/chat.jsonl $(BENCH)/prefs.jsonl
-	$(PY) reward.py --data $(BENCH)/prefs.jsonl --max-steps 1 --norm-samples 0 --out $(BENCH)/rm
+	$(PY) salsa.py task --out $(BENCH)/task --task-sizes 8 16 8 8
+	$(PY) reward.py --data $(BENCH)/task/prefs.jsonl --max-steps 1 --norm-samples 0 --out $(BENCH)/rm
 	/usr/bin/time -v $(PY) ppo.py --ref sft --model $(MODEL) --reward $(BENCH)/rm --data data/bench_prompts.jsonl \
 		--max-prompt-len 402 --batch-size 8 --max-new-tokens 64 --ppo-epochs 2 --steps 2 --out $(BENCH)/ppo \
 		2>&1 | grep -E "Maximum resident|Elapsed"

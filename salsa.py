@@ -1,18 +1,37 @@
-"""What every SALSA stage shares: distributed setup, models, chat data, log-probs, checkpoints.
+"""What every SALSA stage shares, and the recipe that runs them all: the paper end to end.
 
 SALSA (arXiv 2411.01798) is PPO whose KL reference is a model soup instead of the SFT model:
     sft.py (x2 seeds) -> soup.py -> reward.py -> ppo.py --ref soup -> eval.py
 Each stage script imports this module and nothing else of ours. Every function here is plain
 and takes its inputs explicitly; the stage scripts hold the algorithms.
+
+    python salsa.py                       the recipe on the offline default (runs/recipe/results.md)
+    python salsa.py --ablations gibberish kl-hack mkl soup3      ... plus the paper's ablations
+    python salsa.py --model meta-llama/Llama-2-7b-hf --launcher "torchrun --nproc_per_node 8" \
+        --sft-data HuggingFaceH4/ultrachat_200k --prefs-data HuggingFaceH4/ultrafeedback_binarized \
+        --prompts HuggingFaceH4/ultrafeedback_binarized --questions mt-bench/question.jsonl --judge api \
+        --max-len 2048 --sft-steps 0 --sft-lr 2.5e-5 --rm-steps 0 --rm-lr 2e-5 --norm-samples 64 \
+        --ppo-steps 0 --ppo-lr 2e-6 --max-new-tokens 512
+    python salsa.py task --out DIR        only the offline task's data files
+    python salsa.py convert-gguf FILE.gguf OUT_DIR
+
+The recipe runs each stage as a subprocess with explicit flags, printed first (copy any line), and
+skips a stage whose output exists (rerun = resume). Offline there is no UltraChat, UltraFeedback or
+GPT-4, so the default brings a task a program can judge (checkable instructions, below).
 """
 import contextlib
 import dataclasses
+import importlib
 import inspect
 import json
 import os
 import random
+import re
+import shlex
 import shutil
+import subprocess
 import sys
+import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -547,7 +566,7 @@ def prepare_out(out: str, resume: bool) -> str:
     Path(ckpt).mkdir(parents=True, exist_ok=True)
     for stale in Path(ckpt).glob(".*.tmp*"):  # half-written saves of a crashed run
         shutil.rmtree(stale)
-    if not resume:  # a fresh run: no metrics of a run that died before its first checkpoint
+    if not (resume and latest_checkpoint(ckpt)):  # a fresh start: no metrics of a run that died before a checkpoint
         Path(ckpt, "metrics.jsonl").unlink(missing_ok=True)
     return ckpt
 
@@ -612,24 +631,292 @@ def reward_scores(rm, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.linear(h_last.float(), rm.score.weight.float()).squeeze(-1) - rm.config.reward_bias
 
 
-def toy_preferences(chat_file: str, out: str, seed: int = 0):
-    """Preference pairs (UltraFeedback-binarized schema) from a chat file, for the offline default:
-    chosen = a conversation's own last answer, rejected = the last answer of another conversation
-    (off-topic). Trivially learnable; the recipe issue brings a judged task."""
-    rows = [check_messages(r.get("messages"), f"{chat_file} row {i}") for i, r in enumerate(read_rows(chat_file))]
-    rows = [m for m in rows if m[-1]["role"] == "assistant"]
-    other = random.Random(seed).sample(range(len(rows)), len(rows))
-    with open(out, "w") as fh:
-        for m, j in zip(rows, other):
-            if rows[j][-1]["content"] != m[-1]["content"]:
-                prompt = next(x["content"] for x in reversed(m) if x["role"] == "user")
-                fh.write(json.dumps({"prompt": prompt, "chosen": m, "rejected": m[:-1] + [rows[j][-1]]}) + "\n")
+# ---------------------------------------------------------------- the recipe's task: checkable instructions
+# Offline there is no UltraFeedback and no GPT-4, so the recipe (below) brings a task whose quality a program
+# can judge, in the spirit of IFEval (Zhou et al. 2023): "Write about <topic>." plus 1-3 constraints. The
+# gold judge reads the constraints back from the prompt text alone, so it is a (prompt, answer) -> score
+# function that eval.py takes as `--judge py:salsa:gold_score`.
+TOPICS = ["coffee", "rain", "bicycles", "the moon", "gardens", "music", "libraries", "the ocean", "winter",
+          "bread", "trains", "cats", "mountains", "friendship", "rivers", "chess", "candles", "forests", "kites",
+          "tea", "bridges", "snow", "maps", "bees", "lighthouses", "soup", "clocks", "deserts", "owls", "painting"]
+SENTENCES = ["{T} can make an ordinary day better.", "Many people have a story about {t}.",
+             "There is always something new to notice about {t}.", "{T} can look different in every season.",
+             "People often remember {t} from their childhood.", "Learning about {t} takes patience.",
+             "{T} can bring people together.", "A small detail about {t} can be surprising.",
+             "Some say {t} should be enjoyed slowly.", "Writers have praised {t} for centuries."]
+WORDS = ["morning", "quiet", "history", "light", "simple", "journey", "color", "home"]  # to include
+AVOID = ["people", "day", "always", "small", "best", "new"]  # words the sentences above use
+STARTS = ["Honestly", "Well", "Today", "Indeed", "Surely"]
+ENDINGS = ["that is all", "thank you for reading", "the end", "enough said"]
+# kind: (instruction with one {}, the regex that reads its value back from a prompt)
+CONSTRAINTS = {
+    "include": ('Use the word "{}".', r'Use the word "(\w+)"\.'),
+    "avoid": ('Do not use the word "{}".', r'Do not use the word "(\w+)"\.'),
+    "max_words": ("Answer in at most {} words.", r"Answer in at most (\d+) words\."),
+    "bullets": ('Answer with exactly {} bullet points, each on its own line starting with "- ".',
+                r"Answer with exactly (\d+) bullet points"),
+    "lowercase": ("Write only in lowercase letters{}.", r"Write only in lowercase letters()\."),
+    "start": ('Start your answer with the word "{}".', r'Start your answer with the word "(\w+)"\.'),
+    "end": ('End your answer with the phrase "{}".', r'End your answer with the phrase "([\w ]+)"\.'),
+}
+
+
+def constraints_of(prompt) -> dict:
+    """{kind: value} of the constraints a task prompt states (a str, or messages ending with it)."""
+    text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+    return {k: m.group(1) for k, (_, rx) in CONSTRAINTS.items() if (m := re.search(rx, text))}
+
+
+def meets(kind: str, value: str, answer: str) -> bool:
+    """Whether `answer` meets one constraint. Words match whole and case-blind; a bullet is a line "- ..."."""
+    word = re.compile(rf"\b{re.escape(value)}\b", re.IGNORECASE)
+    first = re.match(r"\W*(\w+)", answer)
+    return {"include": lambda: bool(word.search(answer)),
+            "avoid": lambda: not word.search(answer),
+            "max_words": lambda: 0 < len(answer.split()) <= int(value),
+            "bullets": lambda: len(re.findall(r"^\s*- \S", answer, re.MULTILINE)) == int(value),
+            "lowercase": lambda: answer == answer.lower() and any(c.isalpha() for c in answer),
+            "start": lambda: bool(first) and first.group(1).lower() == value.lower(),
+            "end": lambda: re.search(rf"\b{re.escape(value)}[.!]?\s*$", answer, re.IGNORECASE) is not None}[kind]()
+
+
+def gold_score(prompt, answer: str) -> float:
+    """The gold judge: the fraction of the prompt's constraints that the answer meets, in [0, 1]."""
+    cons = constraints_of(prompt)
+    if not cons:
+        raise ValueError(f"not a task prompt of the recipe (no constraint found): {str(prompt)[:80]!r}")
+    return sum(meets(k, v, answer) for k, v in cons.items()) / len(cons)
+
+
+def task_prompt(rng: random.Random) -> tuple[str, str, dict]:
+    """(prompt, topic, {kind: value}) with 1-3 constraints that one answer can meet together."""
+    topic = rng.choice(TOPICS)
+    kinds = rng.sample(sorted(CONSTRAINTS), rng.randint(1, 3))
+    if "bullets" in kinds and ("start" in kinds or "max_words" in kinds):  # a list cannot start with a word
+        kinds.remove("bullets")
+    cons = {k: str(rng.choice({"include": WORDS, "avoid": AVOID, "max_words": [20, 30, 40], "bullets": [2, 3, 4],
+                               "lowercase": [""], "start": STARTS, "end": ENDINGS}[k])) for k in sorted(kinds)}
+    text = " ".join([f"Write about {topic}."] + [CONSTRAINTS[k][0].format(v) for k, v in cons.items()])
+    return text, topic, cons
+
+
+def task_answer(rng: random.Random, topic: str, cons: dict, keep: set) -> str:
+    """An answer written to meet the constraints in `keep` and, where it can, to break the others
+    (a word limit left out of `keep` may still be met: the gold judge labels pairs, not this)."""
+    sents = [s.format(t=topic, T=topic[0].upper() + topic[1:]) for s in rng.sample(SENTENCES, len(SENTENCES))]
+    for k in ("include", "avoid"):
+        if k in cons:
+            word = re.compile(rf"\b{cons[k]}\b", re.IGNORECASE)
+            sents = [s for s in sents if not word.search(s)]
+            if (k == "include") == (k in keep):
+                sents.insert(rng.randint(0, 1), f"It makes me think of {cons[k]}.")
+    if "bullets" in cons:  # bullets never come with max_words (task_prompt)
+        n = int(cons["bullets"]) + (0 if "bullets" in keep else rng.choice([-1, 1]))
+    elif "max_words" in keep:  # as many sentences as fit, with room for a start word and an ending
+        n = 3
+        while n > 1 and len(" ".join(sents[:n]).split()) + 5 > int(cons["max_words"]):
+            n -= 1
+    else:
+        n = len(sents) if "max_words" in cons else rng.randint(2, 3)
+    text = "\n".join("- " + s for s in sents[:n]) if "bullets" in cons else " ".join(sents[:n])
+    if "start" in cons and "start" in keep:
+        text = f"{cons['start']}, {text[0].lower()}{text[1:]}"
+    if "end" in cons and "end" in keep:
+        text += ("\n" if "bullets" in cons else " ") + cons["end"][0].upper() + cons["end"][1:] + "."
+    return text.lower() if "lowercase" in keep else text
+
+
+def make_task(out: str, n_sft: int, n_prefs: int, n_ppo: int, n_eval: int, seed: int = 0):
+    """The recipe's data, written to the directory `out` in the project's schemas:
+    sft.jsonl (UltraChat: `messages`, answers meeting every constraint), prefs.jsonl (UltraFeedback:
+    `prompt`, `chosen`, `rejected`, the side with the higher gold score chosen, ties never written),
+    ppo.jsonl and eval.jsonl (`prompt`, `prompt_id`). A prompt text is in one file only, so no
+    evaluation prompt is ever trained on."""
+    rng, seen, files = random.Random(seed), set(), {}
+    for name, n in [("eval", n_eval), ("sft", n_sft), ("prefs", n_prefs), ("ppo", n_ppo)]:
+        rows = []
+        while len(rows) < n:
+            prompt, topic, cons = task_prompt(rng)
+            if prompt in seen:
+                continue
+            if name == "sft":
+                answer = task_answer(rng, topic, cons, set(cons))
+                assert gold_score(prompt, answer) == 1, (prompt, answer)
+                rows.append({"prompt_id": f"sft-{len(rows)}", "messages": [{"role": "user", "content": prompt},
+                                                                            {"role": "assistant", "content": answer}]})
+            elif name == "prefs":
+                pair = [task_answer(rng, topic, cons, {k for k in cons if rng.random() < 0.5}) for _ in range(2)]
+                a, b = sorted(pair, key=lambda y: -gold_score(prompt, y))
+                if gold_score(prompt, a) == gold_score(prompt, b):
+                    continue  # a tie says nothing about preference
+                rows.append({"prompt": prompt, **{side: [{"role": "user", "content": prompt},
+                                                         {"role": "assistant", "content": y}]
+                                                  for side, y in (("chosen", a), ("rejected", b))}})
+            else:
+                rows.append({"prompt_id": f"{name}-{len(rows)}", "prompt": prompt})
+            seen.add(prompt)
+        files[name] = rows
+
+    def write(tmp):
+        for name, rows in files.items():
+            Path(tmp, f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    save_atomic(out, write)
+
+
+# ---------------------------------------------------------------- the recipe: the paper end to end
+@dataclass
+class Recipe:
+    model: str = arg("models/SmolLM2-135M-Instruct", "base model of the SFT runs (paper: Llama-2-7B, Mistral-7B, Gemma-2B)")
+    out: str = arg("runs/recipe", "results folder; a stage whose output is there is skipped, so a rerun resumes")
+    launcher: str = arg("", "how sft/reward/ppo start, e.g. 'torchrun --nproc_per_node 8' (empty: this python)")
+    sft_data: str = arg("", "SFT rows (UltraChat schema; paper: HuggingFaceH4/ultrachat_200k); empty: the task's")
+    prefs_data: str = arg("", "preference pairs (UltraFeedback schema; paper: HuggingFaceH4/ultrafeedback_binarized); empty: the task's")
+    prompts: str = arg("", "PPO prompts (paper: UltraFeedback's); empty: the task's")
+    questions: str = arg("", "held-out questions (paper: MT-Bench, Arena-Hard, UltraFeedback test); empty: the task's")
+    judge: str = arg("py:salsa:gold_score", "eval.py --judge: the task's gold judge; at scale `api` (GPT-4)")
+    task_seed: int = arg(0, "seed of the task generator")
+    task_sizes: list[int] = arg([320, 320, 256, 64], "rows of the task's SFT, preference, PPO and question files")
+    max_len: int = arg(256, "token limit of SFT and preference rows (App. A.1: 2048)")
+    sft_steps: int = arg(30, "SFT steps per seed (0: one epoch)")
+    sft_lr: float = arg(1e-4, "SFT learning rate (App. A.1: 2.5e-5 for 7B; a 135M model in 30 steps needs more)")
+    rm_steps: int = arg(30, "reward-model steps (0: one epoch)")
+    rm_lr: float = arg(5e-5, "reward-model learning rate (App. A.2: 2e-5; more for 30 steps)")
+    norm_samples: int = arg(32, "SFT samples that set the reward model's normalisation")
+    ppo_steps: int = arg(20, "PPO steps of every run (0: one pass over the prompts)")
+    ppo_lr: float = arg(1e-5, "PPO learning rate (App. A.3: 2e-6 for 7B; more for 20 steps at 135M)")
+    max_new_tokens: int = arg(64, "length limit of PPO's rollouts and of the answers")
+    alphas: list[float] = arg([0.0, 0.25, 0.5, 0.75, 1.0], "soup weights of the alpha line (Fig. 2a/b)")
+    alpha_limit: int = arg(32, "questions per point of the alpha line")
+    ablations: list[str] = arg([], "extra runs: gibberish (PPO at β 0.01), kl-hack (SALSA at β 0.2), "
+                                   "mkl (eq. 5), soup3 (SALSA against a 3-SFT soup)")
+
+
+def run_stage(name: str, cmd: list, out: Path | None, times: dict, times_file: Path):
+    """Run one stage as a subprocess, printed first so it can be copied; skipped when `out` exists."""
+    cmd = [str(c) for c in cmd]
+    if out and out.exists():
+        return print(f"[{name}] skipped: {out} exists")
+    print(f"\n[{name}] $ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    start = time.time()
+    if subprocess.run(cmd).returncode:
+        sys.exit(f"[{name}] failed (its error is above); finished stages are kept, rerun to resume")
+    times[name] = round(time.time() - start, 1)
+    times_file.write_text(json.dumps(times, indent=1))
+
+
+def recipe(a: Recipe):
+    """SFT x2 seeds -> soup (alpha 0.5) -> reward model -> PPO (β 0.2) and SALSA (β 0.01) from the same
+    SFT model -> answers to held-out questions -> win rates, scores, Fig. 2's alpha line, Fig. 3's
+    histograms -> OUT/results.md."""
+    R, here = Path(a.out), Path(__file__).resolve().parent
+    extra = {"gibberish": ("ppo-beta0.01", ["--ref", "sft", "--init-kl-coef", 0.01]),
+             "kl-hack": ("salsa-beta0.2", ["--ref", "soup", "--soup", R / "soup", "--init-kl-coef", 0.2]),
+             "mkl": ("mkl", ["--ref", "mkl", "--soup-models", R / "sft-seed1", R / "sft-seed2", "--init-kl-coef", 0.2]),
+             "soup3": ("salsa-soup3", ["--ref", "soup", "--soup", R / "soup3", "--init-kl-coef", 0.01])}
+    if set(a.ablations) - set(extra):
+        sys.exit(f"--ablations {' '.join(a.ablations)}: expected some of {', '.join(extra)}")
+    R.mkdir(parents=True, exist_ok=True)
+    times_file = R / "times.json"
+    times = json.loads(times_file.read_text()) if times_file.exists() else {}
+    py, launch = [sys.executable], shlex.split(a.launcher) or [sys.executable]
+    script = {s: os.path.relpath(here / f"{s}.py") for s in ("salsa", "sft", "soup", "reward", "ppo", "eval")}
+
+    def stage(name, out, cmd, launcher=py):
+        run_stage(name, [*launcher, *cmd], out and Path(out), times, times_file)
+    task = R / "data"
+    if not (a.sft_data and a.prefs_data and a.prompts and a.questions):
+        stage("task", task, [script["salsa"], "task", "--out", task, "--task-seed", a.task_seed,
+                             "--task-sizes", *a.task_sizes])
+    sft_data, prefs, prompts, questions = (x or str(task / f) for x, f in [
+        (a.sft_data, "sft.jsonl"), (a.prefs_data, "prefs.jsonl"), (a.prompts, "ppo.jsonl"), (a.questions, "eval.jsonl")])
+    seeds = [1, 2, 3] if "soup3" in a.ablations else [1, 2]
+    sft = {s: R / f"sft-seed{s}" for s in seeds}
+    for s in seeds:  # the SFT models differ only by their data-order seed (App. A.1)
+        stage(f"sft-seed{s}", sft[s], [script["sft"], "--model", a.model, "--data", sft_data, "--seed", s,
+                                       "--max-steps", a.sft_steps, "--lr", a.sft_lr, "--max-len", a.max_len,
+                                       "--eval-every", 0, "--resume", "--out", sft[s]], launch)
+    stage("soup", R / "soup", [script["soup"], "--models", sft[1], sft[2], "--alpha", 0.5, "--out", R / "soup"])
+    if "soup3" in a.ablations:
+        stage("soup3", R / "soup3", [script["soup"], "--models", *sft.values(), "--out", R / "soup3"])
+    stage("reward", R / "rm", [script["reward"], "--model", sft[1], "--data", prefs, "--max-steps", a.rm_steps,
+                               "--lr", a.rm_lr, "--max-len", a.max_len, "--norm-samples", a.norm_samples,
+                               "--norm-max-new-tokens", a.max_new_tokens, "--out", R / "rm"], launch)
+    runs = {"ppo": ["--ref", "sft", "--init-kl-coef", 0.2],  # App. A.3's β for PPO and for SALSA
+            "salsa": ["--ref", "soup", "--soup", R / "soup", "--init-kl-coef", 0.01], **dict(extra[x] for x in a.ablations)}
+    for name, flags in runs.items():  # every run starts from the same SFT model and sees the same prompts
+        stage(name, R / name, [script["ppo"], *flags, "--model", sft[1], "--reward", R / "rm", "--data", prompts,
+                               "--steps", a.ppo_steps, "--lr", a.ppo_lr, "--max-new-tokens", a.max_new_tokens,
+                               "--save-every", 5, "--sample-every", 5, "--resume", "--out", R / name], launch)
+    models = {"sft": sft[1], **{n: R / n for n in runs}}
+    answers = {n: R / "answers" / f"{n}.jsonl" for n in models}
+    for n, path in models.items():  # no out: eval.py answer resumes by itself, and is quick once done
+        stage(f"answer {n}", None, [script["eval"], "answer", "--model", path, "--model-id", n, "--questions",
+                                    questions, "--max-new-tokens", a.max_new_tokens, "--out", answers[n]])
+    order = ["salsa", "ppo", "sft", *list(runs)[2:]]
+    res = R / "results"
+    stage("judge", None, [script["eval"], "judge", "--judge", a.judge, "--questions", questions, "--dataset",
+                          Path(questions).stem, "--answers", *[answers[n] for n in order], "--out", res / "wins"])
+    stage("alpha-line", res / "alpha_line", [script["eval"], "alpha-line", "--models", sft[1], sft[2], "--reward",
+                                             R / "rm", "--questions", questions, "--limit", a.alpha_limit,
+                                             "--alphas", *a.alphas, "--max-new-tokens", a.max_new_tokens,
+                                             *(["--judge", a.judge] if a.judge.startswith("py:") else []),
+                                             "--out", res / "alpha_line"])
+    stage("reward-hist", res / "reward_hist", [script["eval"], "reward-hist", "--answers",
+                                               *[answers[n] for n in order], "--reward", R / "rm",
+                                               "--questions", questions, "--out", res / "reward_hist"])
+    write_results(a, R, order, questions, answers, times)
+
+
+def write_results(a: Recipe, R: Path, order: list[str], questions: str, answers: dict, times: dict):
+    """OUT/results.md: the paper's Table 1 layout, per-model numbers, Figs. 2 and 3, stage times."""
+    import csv
+    ev = importlib.import_module("eval")
+    wins = {(r["model"], r["opponent"]): r for r in csv.DictReader(open(R / "results" / "wins.csv"))}
+    pairs = [("salsa", "ppo"), ("salsa", "sft"), ("ppo", "sft")] + [p for n in order[3:] for p in ((n, "sft"),
+                                                                                                    ("salsa", n))]
+    lines = [f"# SALSA recipe: {a.model}, judged by {a.judge}", "",
+             f"Questions: `{questions}`. One seed; every number below is from this run. Flags: `{a}`.", "",
+             "## Win rates (Table 1 layout)", "",
+             "| Comparison | Win | Loss | Tie | Win rate | Adj. win rate | Adj. 95% CI |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {m} vs {o} | {r['win']} | {r['loss']} | {r['tie']} | {float(r['win_rate']):.1f} | "
+              f"{float(r['adj_win_rate']):.1f} | [{float(r['ci_low']):.1f}, {float(r['ci_high']):.1f}] |"
+              for m, o in pairs if (r := wins.get((m, o)))]
+    qs = ev.load_questions(questions, "", 0)
+    gold = a.judge.startswith("py:") and ev.py_judge(a.judge[3:])
+    rewards = {}
+    for r in csv.DictReader(open(R / "results" / "reward_hist" / "reward_hist.csv")):
+        rewards.setdefault(r["model"], []).append(float(r["reward"]))
+    lines += ["", "## Per model", "", "Gold score, reward and words: greedy answers to the held-out questions. "
+              "Training columns: PPO's rollouts, mean of the last 5 steps (KL in nats per response).", "",
+              "| Model | Gold score | Reward (RM) | Answer words | Training score | KL to reference | Response tokens |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for n in order:
+        ans = ev.load_answers(str(answers[n]), qs)[1]
+        texts = [(q["turns"][0], ans[str(q["id"])][0]) for q in qs]
+        g = f"{sum(float(gold(q, y)) for q, y in texts) / len(texts):.3f}" if gold else "-"
+        last = read_jsonl(R / f"{n}.ckpt" / "metrics.jsonl")[-5:] if n != "sft" else []
+        train = [f"{sum(m[k] for m in last) / len(last):.2f}" if last else "-"
+                 for k in ("objective/score", "objective/kl", "objective/response_len")]
+        lines.append(f"| {n} | {g} | {sum(rewards[n]) / len(rewards[n]):.3f} | "
+                     f"{sum(len(y.split()) for _, y in texts) / len(texts):.1f} | {' | '.join(train)} |")
+    line = list(csv.DictReader(open(R / "results" / "alpha_line" / "alpha_line.csv")))
+    lines += ["", "## Reward and gold score along the line between the two SFT models (Fig. 2a/b)", "",
+              "| α | Reward (RM) | Gold score |", "|---:|---:|---:|"]
+    lines += [f"| {float(r['alpha']):.2f} | {float(r['mean_reward']):.3f} ± {float(r['stderr']):.3f} | "
+              f"{float(r['mean_gold']):.3f} |" if "mean_gold" in r else
+              f"| {float(r['alpha']):.2f} | {float(r['mean_reward']):.3f} ± {float(r['stderr']):.3f} | - |" for r in line]
+    lines += ["", "![alpha line](results/alpha_line/alpha_line.png)", "", "## Reward distributions (Fig. 3)", "",
+              "![reward histograms](results/reward_hist/reward_hist.png)", "", "## Stage wall times", "",
+              "| Stage | Seconds |", "|---|---:|"] + [f"| {k} | {v:.0f} |" for k, v in times.items()]
+    Path(R, "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:len(pairs) + 8]) + f"\n...\nwrote {R / 'results.md'}")
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["convert-gguf"] and len(sys.argv) == 4:
         convert_gguf(sys.argv[2], sys.argv[3])
-    elif sys.argv[1:2] == ["toy-preferences"] and len(sys.argv) == 4:
-        toy_preferences(sys.argv[2], sys.argv[3])
+    elif sys.argv[1:2] == ["task"]:
+        t = parse_args(Recipe, sys.argv[2:])
+        make_task(t.out, *t.task_sizes, seed=t.task_seed)
     else:
-        sys.exit("usage: python salsa.py convert-gguf FILE.gguf OUT_DIR | toy-preferences CHAT.jsonl OUT.jsonl")
+        recipe(parse_args(Recipe, sys.argv[1:]))
