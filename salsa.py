@@ -770,7 +770,8 @@ class Recipe:
     out: str = arg("runs/recipe", "results folder; a stage whose output is there is skipped, so a rerun resumes")
     launcher: str = arg("", "how sft/reward/ppo start, e.g. 'torchrun --nproc_per_node 8' (empty: this python)")
     sft_data: str = arg("", "SFT rows (UltraChat schema; paper: HuggingFaceH4/ultrachat_200k); empty: the task's")
-    prefs_data: str = arg("", "preference pairs (UltraFeedback schema; paper: HuggingFaceH4/ultrafeedback_binarized); empty: the task's")
+    prefs_data: str = arg("", "preference pairs (UltraFeedback schema; paper: HuggingFaceH4/ultrafeedback_binarized); "
+                              "empty: the task's")
     prompts: str = arg("", "PPO prompts (paper: UltraFeedback's); empty: the task's")
     questions: str = arg("", "held-out questions (paper: MT-Bench, Arena-Hard, UltraFeedback test); empty: the task's")
     judge: str = arg("py:salsa:gold_score", "eval.py --judge: the task's gold judge; at scale `api` (GPT-4)")
@@ -827,7 +828,7 @@ def recipe(a: Recipe):
     if not (a.sft_data and a.prefs_data and a.prompts and a.questions):
         stage("task", task, [script["salsa"], "task", "--out", task, "--task-seed", a.task_seed,
                              "--task-sizes", *a.task_sizes])
-    sft_data, prefs, prompts, questions = (x or str(task / f) for x, f in [
+    sft_data, prefs, prompts, questions = (given or str(task / f) for given, f in [
         (a.sft_data, "sft.jsonl"), (a.prefs_data, "prefs.jsonl"), (a.prompts, "ppo.jsonl"), (a.questions, "eval.jsonl")])
     seeds = [1, 2, 3] if "soup3" in a.ablations else [1, 2]
     sft = {s: R / f"sft-seed{s}" for s in seeds}
@@ -842,7 +843,8 @@ def recipe(a: Recipe):
                                "--lr", a.rm_lr, "--max-len", a.max_len, "--norm-samples", a.norm_samples,
                                "--norm-max-new-tokens", a.max_new_tokens, "--out", R / "rm"], launch)
     runs = {"ppo": ["--ref", "sft", "--init-kl-coef", 0.2],  # App. A.3's β for PPO and for SALSA
-            "salsa": ["--ref", "soup", "--soup", R / "soup", "--init-kl-coef", 0.01], **dict(extra[x] for x in a.ablations)}
+            "salsa": ["--ref", "soup", "--soup", R / "soup", "--init-kl-coef", 0.01],
+            **dict(extra[x] for x in a.ablations)}
     for name, flags in runs.items():  # every run starts from the same SFT model and sees the same prompts
         stage(name, R / name, [script["ppo"], *flags, "--model", sft[1], "--reward", R / "rm", "--data", prompts,
                                "--steps", a.ppo_steps, "--lr", a.ppo_lr, "--max-new-tokens", a.max_new_tokens,
@@ -877,7 +879,8 @@ def write_results(a: Recipe, R: Path, order: list[str], questions: str, answers:
     lines = [f"# SALSA recipe: {a.model}, judged by {a.judge}", "",
              f"Questions: `{questions}`. One seed; every number below is from this run. Flags: `{a}`.", "",
              "## Win rates (Table 1 layout)", "",
-             "| Comparison | Win | Loss | Tie | Win rate | Adj. win rate | Adj. 95% CI |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| Comparison | Win | Loss | Tie | Win rate | Adj. win rate | Adj. 95% CI |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {m} vs {o} | {r['win']} | {r['loss']} | {r['tie']} | {float(r['win_rate']):.1f} | "
               f"{float(r['adj_win_rate']):.1f} | [{float(r['ci_low']):.1f}, {float(r['ci_high']):.1f}] |"
               for m, o in pairs if (r := wins.get((m, o)))]
@@ -888,7 +891,8 @@ def write_results(a: Recipe, R: Path, order: list[str], questions: str, answers:
         rewards.setdefault(r["model"], []).append(float(r["reward"]))
     lines += ["", "## Per model", "", "Gold score, reward and words: greedy answers to the held-out questions. "
               "Training columns: PPO's rollouts, mean of the last 5 steps (KL in nats per response).", "",
-              "| Model | Gold score | Reward (RM) | Answer words | Training score | KL to reference | Response tokens |",
+              "| Model | Gold score | Reward (RM) | Answer words | Training score | KL to reference | "
+              "Response tokens |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for n in order:
         ans = ev.load_answers(str(answers[n]), qs)[1]
@@ -899,12 +903,11 @@ def write_results(a: Recipe, R: Path, order: list[str], questions: str, answers:
                  for k in ("objective/score", "objective/kl", "objective/response_len")]
         lines.append(f"| {n} | {g} | {sum(rewards[n]) / len(rewards[n]):.3f} | "
                      f"{sum(len(y.split()) for _, y in texts) / len(texts):.1f} | {' | '.join(train)} |")
-    line = list(csv.DictReader(open(R / "results" / "alpha_line" / "alpha_line.csv")))
     lines += ["", "## Reward and gold score along the line between the two SFT models (Fig. 2a/b)", "",
               "| α | Reward (RM) | Gold score |", "|---:|---:|---:|"]
-    lines += [f"| {float(r['alpha']):.2f} | {float(r['mean_reward']):.3f} ± {float(r['stderr']):.3f} | "
-              f"{float(r['mean_gold']):.3f} |" if "mean_gold" in r else
-              f"| {float(r['alpha']):.2f} | {float(r['mean_reward']):.3f} ± {float(r['stderr']):.3f} | - |" for r in line]
+    for r in csv.DictReader(open(R / "results" / "alpha_line" / "alpha_line.csv")):
+        g = f"{float(r['mean_gold']):.3f}" if "mean_gold" in r else "-"
+        lines.append(f"| {float(r['alpha']):.2f} | {float(r['mean_reward']):.3f} ± {float(r['stderr']):.3f} | {g} |")
     lines += ["", "![alpha line](results/alpha_line/alpha_line.png)", "", "## Reward distributions (Fig. 3)", "",
               "![reward histograms](results/reward_hist/reward_hist.png)", "", "## Stage wall times", "",
               "| Stage | Seconds |", "|---|---:|"] + [f"| {k} | {v:.0f} |" for k, v in times.items()]
