@@ -692,8 +692,8 @@ def task_prompt(rng: random.Random) -> tuple[str, str, dict]:
     """(prompt, topic, {kind: value}) with 1-3 constraints that one answer can meet together."""
     topic = rng.choice(TOPICS)
     kinds = rng.sample(sorted(CONSTRAINTS), rng.randint(1, 3))
-    if "bullets" in kinds and ("start" in kinds or "max_words" in kinds):  # a list cannot start with a word
-        kinds.remove("bullets")
+    if "bullets" in kinds and ("start" in kinds or "max_words" in kinds):  # a list starts with "- ", and
+        kinds.remove("bullets")  # task_answer does not cut bullets to a word budget
     cons = {k: str(rng.choice({"include": WORDS, "avoid": AVOID, "max_words": [20, 30, 40], "bullets": [2, 3, 4],
                                "lowercase": [""], "start": STARTS, "end": ENDINGS}[k])) for k in sorted(kinds)}
     text = " ".join([f"Write about {topic}."] + [CONSTRAINTS[k][0].format(v) for k, v in cons.items()])
