@@ -445,8 +445,8 @@ def reward_hist(args: Args):
     """Fig. 3: the reward of every answered turn of each model, as overlaid histograms with their means."""
     questions = load_questions(args.questions, args.split, args.limit)
     runs = dict(load_answers(p, questions) for p in args.answers)  # {model_id: {question id: turns}}
-    if len(runs) < len(args.answers):
-        raise ValueError(f"--answers {' '.join(args.answers)}: give answers of distinct models (model_id)")
+    if not runs or len(runs) < len(args.answers):
+        raise ValueError(f"--answers {' '.join(args.answers)}: give answer files of one or more distinct models")
     units = [(str(q["id"]), q["turns"], k) for q in questions for k in range(len(q["turns"]))]
     args.judge = f"rm:{args.reward}"
     rows = [{"model": name, "question_id": qid, "turn": k + 1, "reward": v}

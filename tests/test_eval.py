@@ -345,6 +345,8 @@ def test_analyses_write_data_and_plots(lab):
     b = fastchat_answers(d / "hb.jsonl", "B", {q["question_id"]: ["no", "never"] for q in MT_BENCH})
     ev.reward_hist(salsa.parse_args(ev.Args, ["--answers", a, b, "--reward", rm_path, "--questions", qs, "--out", str(d / "fig3")]))
     assert len(list(csv.DictReader(open(d / "fig3" / "reward_hist.csv")))) == 2 * 3 * 2
+    with pytest.raises(ValueError, match="one or more distinct models"):
+        ev.reward_hist(salsa.parse_args(ev.Args, ["--reward", rm_path, "--questions", qs, "--out", str(d / "none")]))
     for png in ("fig2ab/alpha_line.png", "fig2c/plane.png", "fig3/reward_hist.png"):
         assert (d / png).read_bytes()[:4] == b"\x89PNG"
 
