@@ -466,15 +466,6 @@ def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperatu
     return logp.view(targets.shape), ent.view(targets.shape)
 
 
-def sft_nll(model, ids, mask, labels) -> tuple[torch.Tensor, int]:
-    """Summed NLL of the labelled (assistant) tokens and their count, -Σ_t log π(y_t | y_<t): SFT's loss
-    and the greedy soup's held-out score. Only labelled positions reach the lm_head."""
-    h = hidden_states(model, ids, mask)  # (B, T, d)
-    keep = labels[:, 1:] != -100  # (B, T-1): the state at t predicts token t+1
-    logp, _ = token_logprobs(model, h[:, :-1][keep], labels[:, 1:][keep])  # (N,)
-    return -logp.sum(), int(keep.sum())
-
-
 # ---------------------------------------------------------------- optimisation
 def lr_lambda(step: int, total: int, warmup: int, schedule: str = "linear") -> float:
     """Multiplier of the peak lr: linear warmup for `warmup` steps, then linear or cosine decay to 0."""

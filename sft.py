@@ -80,6 +80,15 @@ def collate(examples: list, pad_id: int, device):
     return ids, mask, labels
 
 
+def sft_nll(model, ids, mask, labels) -> tuple[torch.Tensor, int]:
+    """Summed NLL of the labelled (assistant) tokens and their count, -Σ_t log π(y_t | y_<t): the SFT loss,
+    also soup.py's greedy score. Only labelled positions reach the lm_head."""
+    h = salsa.hidden_states(model, ids, mask)  # (B, T, d)
+    keep = labels[:, 1:] != -100  # (B, T-1): the state at t predicts token t+1
+    logp, _ = salsa.token_logprobs(model, h[:, :-1][keep], labels[:, 1:][keep])  # (N,)
+    return -logp.sum(), int(keep.sum())
+
+
 def n_labels(examples: list) -> int:
     return sum(sum(t != -100 for t in labels[1:]) for _, labels in examples)
 
@@ -92,7 +101,7 @@ def eval_loss(model, examples: list, micro: int, pad_id: int, dist) -> float:
     mine, nll = examples[dist.rank::dist.world], torch.zeros((), dtype=torch.float64, device=dist.device)
     for i in tqdm(range(0, math.ceil(len(examples) / dist.world), micro), "eval", disable=not dist.main, leave=False):
         part = mine[i:i + micro]
-        nll_sum, _ = salsa.sft_nll(model, *collate(part or examples[:1], pad_id, dist.device))
+        nll_sum, _ = sft_nll(model, *collate(part or examples[:1], pad_id, dist.device))
         if part:
             nll += nll_sum.double()
     return salsa.all_sum(nll, dist).item() / n_labels(examples)
@@ -150,7 +159,7 @@ def main(args: Args):
         mine, n_tok = batch[dist.rank::dist.world], n_labels(batch)  # n_tok counts all ranks' tokens
         nll = torch.zeros((), dtype=torch.float64, device=dist.device)
         for i in range(0, len(mine), args.micro_batch):
-            nll_sum, _ = salsa.sft_nll(model, *collate(mine[i:i + args.micro_batch], tok.pad_token_id, dist.device))
+            nll_sum, _ = sft_nll(model, *collate(mine[i:i + args.micro_batch], tok.pad_token_id, dist.device))
             (nll_sum / n_tok).backward()
             nll += nll_sum.detach().double()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)

@@ -242,26 +242,13 @@ def stream_soup(paths: list[str], weights: list[float], out: str, shard_size: in
 
 
 # ---------------------------------------------------------------- greedy soup
-def heldout_batches(tok, source: str, rows: int, max_len: int, batch_size: int) -> list:
-    """(ids, mask, labels) batches, each (B, T), of the first `rows` held-out chat rows."""
-    examples = [salsa.tokenize_chat(tok, salsa.check_messages(row.get("messages"), f"{source} row {i}"), max_len)
-                for i, row in enumerate(salsa.read_rows(source)[:rows])]
-    examples = [e for e in examples if e is not None]  # rows whose answer starts beyond max_len
-    if not examples:
+def heldout(tok, source: str, rows: int, max_len: int) -> list:
+    """(ids, labels) of the first `rows` held-out chat rows, read and tokenized exactly as sft.py does."""
+    from sft import read_chats, tokenize
+    examples, _ = tokenize(tok, read_chats(source, "train")[:rows], max_len, show=False)
+    if not examples:  # every answer starts beyond max_len
         raise ValueError(f"{source}: no row with an assistant token within --max-len {max_len}")
-    batches = []
-    for i in range(0, len(examples), batch_size):
-        ids, mask = salsa.pad([e[0] for e in examples[i:i + batch_size]], tok.pad_token_id)
-        labels, _ = salsa.pad([e[1] for e in examples[i:i + batch_size]], -100)
-        batches.append((ids, mask, labels))
-    return batches
-
-
-@torch.no_grad()
-def sft_loss(model, batches) -> float:
-    """Held-out SFT loss: mean negative log-likelihood per assistant token."""
-    sums = [salsa.sft_nll(model, *batch) for batch in batches]  # (summed NLL, token count) per batch
-    return sum(nll.item() for nll, _ in sums) / sum(n for _, n in sums)
+    return examples
 
 
 def greedy_soup(paths: list[str], score) -> list[int]:
@@ -287,8 +274,10 @@ def main(args: Args):
         if not args.eval_data:
             raise ValueError("--greedy scores the ingredients on --eval-data: give a held-out chat file")
         tok = salsa.load_tokenizer(paths[0])
-        batches = heldout_batches(tok, args.eval_data, args.eval_rows, args.max_len, args.batch_size)
-        kept = greedy_soup(paths, lambda ps, ws: sft_loss(load_soup(ps, ws, tok), batches))
+        from sft import eval_loss  # held-out SFT loss per assistant token, as sft.py logs it
+        examples = heldout(tok, args.eval_data, args.eval_rows, args.max_len)
+        kept = greedy_soup(paths, lambda ps, ws: eval_loss(load_soup(ps, ws, tok), examples, args.batch_size,
+                                                           tok.pad_token_id, salsa.Dist()))
         paths, weights = [paths[i] for i in kept], [1 / len(kept)] * len(kept)
     print("soup = " + " + ".join(f"{w:g} * {p}" for w, p in zip(weights, paths)))
     # Averaging cache-sized chunks is bound by memory, not arithmetic: a second thread gains nothing, and

@@ -37,7 +37,7 @@ def worker(model_path: str, out: str):
         logp0, _ = salsa.token_logprobs(model, salsa.hidden_states(model, probe, probe_mask)[:, :-1], probe[:, 1:])
         policy_logp, _, _ = policy(probe, probe_mask, 3, 1.0)  # (4, T-3): the PPO path (lm nested in the root)
 
-    nll, _ = salsa.sft_nll(model, *sft.collate(batch[dist.rank::dist.world], tok.pad_token_id, dist.device))
+    nll, _ = sft.sft_nll(model, *sft.collate(batch[dist.rank::dist.world], tok.pad_token_id, dist.device))
     (nll / sft.n_labels(batch)).backward()
     grad_norm = salsa.full(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
     opt.step()

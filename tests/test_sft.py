@@ -74,7 +74,7 @@ def test_sft_loss_matches_hf_cross_entropy(tiny, tok):
     chats = [TWO_TURNS, TWO_TURNS[:2], [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]]
     examples = [salsa.tokenize_chat(tok, m, 512) for m in chats]
     with torch.no_grad():
-        nll, n = salsa.sft_nll(model, *sft.collate(examples, tok.pad_token_id, "cpu"))
+        nll, n = sft.sft_nll(model, *sft.collate(examples, tok.pad_token_id, "cpu"))
         ref = sum(F.cross_entropy(model(torch.tensor([ids])).logits[0, :-1], torch.tensor(labels[1:]), reduction="sum")
                   for ids, labels in examples)  # one unpadded row at a time, full-vocabulary logits
     assert n == sum(lab != -100 for _, labels in examples for lab in labels) == sft.n_labels(examples)
@@ -82,7 +82,7 @@ def test_sft_loss_matches_hf_cross_entropy(tiny, tok):
 
     model.get_output_embeddings().weight.data.zero_()  # zero logits: every token costs log V nats
     with torch.no_grad():
-        nll, n = salsa.sft_nll(model, *sft.collate(examples, tok.pad_token_id, "cpu"))
+        nll, n = sft.sft_nll(model, *sft.collate(examples, tok.pad_token_id, "cpu"))
     torch.testing.assert_close(nll.item(), n * math.log(len(tok)), rtol=1e-6, atol=1e-4)
 
 

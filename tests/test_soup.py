@@ -212,13 +212,14 @@ def write_chat(path, n=3):
     return str(path)
 
 
-def test_sft_loss_equals_transformers_loss(tmp_path, models, tok):
-    batches = soup.heldout_batches(tok, write_chat(tmp_path / "eval.jsonl"), rows=3, max_len=256, batch_size=3)
+def test_greedy_scores_with_the_sft_heldout_loss(tmp_path, models, tok):
+    import sft
+    examples = soup.heldout(tok, write_chat(tmp_path / "eval.jsonl"), rows=3, max_len=256)
     model = salsa.load_model(models["f0"], tok)
-    ids, mask, labels = batches[0]
+    ids, mask, labels = sft.collate(examples, tok.pad_token_id, "cpu")
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=salsa.position_ids(mask), labels=labels).loss
-    assert soup.sft_loss(model, batches) == pytest.approx(ref.item(), rel=1e-5)
+    assert sft.eval_loss(model, examples, 2, tok.pad_token_id, salsa.Dist()) == pytest.approx(ref.item(), rel=1e-5)
 
 
 def run_cli(*args):
