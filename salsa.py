@@ -699,7 +699,7 @@ def task_answer(rng: random.Random, topic: str, cons: dict, keep: set) -> str:
         if k in cons:
             word = re.compile(rf"\b{cons[k]}\b", re.IGNORECASE)
             sents = [s for s in sents if not word.search(s)]
-            if (k == "include") == (k in keep):
+            if (k == "include") == (k in keep):  # an include met, or an avoid broken: the word goes in
                 sents.insert(rng.randint(0, 1), f"It makes me think of {cons[k]}.")
     if "bullets" in cons:  # bullets never come with max_words (task_prompt)
         n = int(cons["bullets"]) + (0 if "bullets" in keep else rng.choice([-1, 1]))
@@ -783,19 +783,6 @@ class Recipe:
                                    "mkl (eq. 5), soup3 (SALSA against a 3-SFT soup)")
 
 
-def run_stage(name: str, cmd: list, out: Path | None, times: dict, times_file: Path):
-    """Run one stage as a subprocess, printed first so it can be copied; skipped when `out` exists."""
-    cmd = [str(c) for c in cmd]
-    if out and out.exists():
-        return print(f"[{name}] skipped: {out} exists")
-    print(f"\n[{name}] $ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
-    start = time.time()
-    if subprocess.run(cmd).returncode:
-        sys.exit(f"[{name}] failed (its error is above); finished stages are kept, rerun to resume")
-    times[name] = round(time.time() - start, 1)
-    times_file.write_text(json.dumps(times, indent=1))
-
-
 def recipe(a: Recipe):
     """SFT x2 seeds -> soup (alpha 0.5) -> reward model -> PPO (β 0.2) and SALSA (β 0.01) from the same
     SFT model -> answers to held-out questions -> win rates, scores, Fig. 2's alpha line, Fig. 3's
@@ -813,8 +800,17 @@ def recipe(a: Recipe):
     py, launch = [sys.executable], shlex.split(a.launcher) or [sys.executable]
     script = {s: os.path.relpath(here / f"{s}.py") for s in ("salsa", "sft", "soup", "reward", "ppo", "eval")}
 
-    def stage(name, out, cmd, launcher=py):
-        run_stage(name, [*launcher, *cmd], out and Path(out), times, times_file)
+    def stage(name: str, out: Path | None, cmd: list, launcher=py):
+        """Run one stage as a subprocess, printed first so it can be copied; skipped when `out` exists."""
+        cmd = [str(c) for c in [*launcher, *cmd]]
+        if out and out.exists():
+            return print(f"[{name}] skipped: {out} exists")
+        print(f"\n[{name}] $ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+        start = time.time()
+        if subprocess.run(cmd).returncode:
+            sys.exit(f"[{name}] failed (its error is above); finished stages are kept, rerun to resume")
+        times[name] = round(time.time() - start, 1)
+        times_file.write_text(json.dumps(times, indent=1))
     task = R / "data"
     if not (a.sft_data and a.prefs_data and a.prompts and a.questions):
         stage("task", task, [script["salsa"], "task", "--out", task, "--task-seed", a.task_seed,
@@ -854,9 +850,9 @@ def recipe(a: Recipe):
                                              "--alphas", *a.alphas, "--max-new-tokens", a.max_new_tokens,
                                              *(["--judge", a.judge] if a.judge.startswith("py:") else []),
                                              "--out", res / "alpha_line"])
-    stage("reward-hist", res / "reward_hist", [script["eval"], "reward-hist", "--answers",
-                                               *[answers[n] for n in order], "--reward", R / "rm",
-                                               "--questions", questions, "--out", res / "reward_hist"])
+    # no out: a rerun with more --ablations must score their answers too (it takes seconds)
+    stage("reward-hist", None, [script["eval"], "reward-hist", "--answers", *[answers[n] for n in order],
+                                "--reward", R / "rm", "--questions", questions, "--out", res / "reward_hist"])
     write_results(a, R, order, questions, answers, times)
 
 
@@ -876,7 +872,7 @@ def write_results(a: Recipe, R: Path, order: list[str], questions: str, answers:
               f"{float(r['adj_win_rate']):.1f} | [{float(r['ci_low']):.1f}, {float(r['ci_high']):.1f}] |"
               for m, o in pairs if (r := wins.get((m, o)))]
     qs = ev.load_questions(questions, "", 0)
-    gold = a.judge.startswith("py:") and ev.py_judge(a.judge[3:])
+    gold = ev.py_judge(a.judge[3:]) if a.judge.startswith("py:") else None
     rewards = {}
     for r in csv.DictReader(open(R / "results" / "reward_hist" / "reward_hist.csv")):
         rewards.setdefault(r["model"], []).append(float(r["reward"]))
