@@ -42,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 import salsa
-from soup import check_ingredients, read_tensor, soup_state_dicts
+from soup import read_states, soup_state_dicts
 
 
 @dataclass
@@ -79,20 +79,23 @@ class Args:
     seed: int = salsa.arg(0, "seed of sampling and of the bootstrap")
     dtype: str = salsa.arg("float32", "weights dtype")
     attn: str = salsa.arg("sdpa", "attention implementation (sdpa, eager, flash_attention_2)")
+    allow_pickle: bool = salsa.arg(False, "load models whose weights are only a pickle (pytorch_model.bin runs code)")
 
 
 # ---------------------------------------------------------------- questions and answers
 def load_questions(source: str, split: str, limit: int = 0) -> list[dict]:
-    """[{id, turns: [str]}] from any of the three question formats."""
-    out = []
-    for i, row in enumerate(salsa.read_rows(source, split)[: limit or None]):
+    """[{id, turns: [str]}] from any of the three question formats (a row without an id: its index from 0)."""
+    out, seen = [], {}
+    for i, (where, row) in enumerate(salsa.read_rows(source, split)[: limit or None]):
+        qid = next((row[k] for k in ("question_id", "uid", "prompt_id") if k in row), i)
         turns = [t.get("content") if isinstance(t, dict) else t for t in row.get("turns") or [row.get("prompt")]]
         if not all(isinstance(t, str) and t for t in turns):
-            raise ValueError(f"{source} row {i}: expected `turns` (strings or {{content}}) or a `prompt` string")
-        qid = next((row[k] for k in ("question_id", "uid", "prompt_id") if k in row), i)
+            raise salsa.InputError(f"{where}: question {qid} has no question: expected `turns` (strings or "
+                                   "{content}) or a `prompt` string")
+        if str(qid) in seen:
+            raise salsa.InputError(f"{where}: question {qid} is also {seen[str(qid)]}: ids must be unique")
+        seen[str(qid)] = where
         out.append({"id": qid, "turns": turns})
-    if len({str(q["id"]) for q in out}) < len(out):
-        raise ValueError(f"{source}: question ids are not unique")
     return out
 
 
@@ -102,7 +105,7 @@ def load_answers(path: str, questions: list[dict]) -> tuple[str, dict]:
     answers = {str(r["question_id"]): r["choices"][0]["turns"] for r in rows}
     for q in questions:
         if len(answers.get(str(q["id"]), [])) < len(q["turns"]):
-            raise ValueError(f"{path}: question {q['id']} has no answer to each of its {len(q['turns'])} turns: "
+            raise salsa.InputError(f"{path}: question {q['id']} has no answer to each of its {len(q['turns'])} turns: "
                              "run `eval.py answer` on this question file first")
     return (rows[0]["model_id"] if rows else Path(path).stem), answers
 
@@ -148,13 +151,14 @@ def answer(args: Args):
     questions = load_questions(args.questions, args.split, args.limit)
     done = {str(r["question_id"]): r["model_id"] for r in (salsa.read_jsonl(out) if out.exists() else [])}
     if set(done.values()) - {model_id}:
-        raise ValueError(f"{out} holds answers of another model than {model_id}: choose another --out")
+        raise salsa.InputError(f"{out} holds answers of another model than {model_id}: choose another --out")
     todo = [q for q in questions if str(q["id"]) not in done]
     print(f"{out}: {len(questions) - len(todo)} questions answered before, {len(todo)} to go")
     if not todo:
         return
     tok = salsa.load_tokenizer(args.model)
-    model = salsa.load_model(args.model, tok, args.dtype, args.attn, salsa.setup_dist(args.seed).device).eval()
+    model = salsa.load_model(args.model, tok, args.dtype, args.attn, salsa.setup_dist(args.seed).device,
+                             allow_pickle=args.allow_pickle).eval()
     todo.sort(key=lambda q: len(q["turns"][0]))  # similar lengths share a batch: less padding
     out.parent.mkdir(parents=True, exist_ok=True)
     for i in tqdm(range(0, len(todo), args.batch_size), desc=f"answer {model_id}"):
@@ -194,7 +198,7 @@ def judge_prompt(templates: dict, turns: list[str], a: list[str], b: list[str], 
         t = templates["pair-v2"]
         return t["system_prompt"], t["prompt_template"].format(question=turns[0], answer_a=a[0], answer_b=b[0])
     if k > 1:
-        raise ValueError(f"a question of {len(turns)} turns: the judge prompts cover two")
+        raise salsa.InputError(f"a question of {len(turns)} turns: the judge prompts cover two")
     t = templates["pair-v2-multi-turn"]
     return t["system_prompt"], t["prompt_template"].format(question_1=turns[0], question_2=turns[1], answer_a_1=a[0],
                                                            answer_a_2=a[1], answer_b_1=b[0], answer_b_2=b[1])
@@ -272,12 +276,13 @@ def local_scores(args: Args, runs: dict, units: list) -> dict:
         s = [float(py_judge(spec)(p, a)) for p, a in zip(prompts, answers)]
     elif kind == "rm":
         device = salsa.setup_dist(args.seed).device
-        tok, rm = salsa.load_tokenizer(spec), salsa.load_reward_model(spec, args.dtype, args.attn, device)
+        tok, rm = salsa.load_tokenizer(spec), salsa.load_reward_model(spec, args.dtype, args.attn, device,
+                                                                      allow_pickle=args.allow_pickle)
         seqs = [prompt_ids(tok, p, args.max_prompt_len, f"answer {i}") + tok(a, add_special_tokens=False)["input_ids"]
                 + [tok.eos_token_id] for i, (p, a) in enumerate(zip(prompts, answers))]
         s = rewards(rm, tok.pad_token_id, seqs, args.batch_size)
     else:
-        raise ValueError(f"--judge {args.judge}: expected api, rm:DIR or py:module:function")
+        raise salsa.InputError(f"--judge {args.judge}: expected api, rm:DIR or py:module:function")
     return {m: s[i * len(units):(i + 1) * len(units)] for i, m in enumerate(runs)}
 
 
@@ -319,7 +324,7 @@ def judge(args: Args):
     questions = load_questions(args.questions, args.split, args.limit)
     runs = dict(load_answers(p, questions) for p in args.answers)  # {model_id: {question id: turns}}
     if len(runs) < 2 or len(runs) < len(args.answers):
-        raise ValueError(f"--answers {' '.join(args.answers)}: give answers of two or more models, distinct model_ids")
+        raise salsa.InputError(f"--answers {' '.join(args.answers)}: give answers of two or more models, distinct model_ids")
     units = [(str(q["id"]), q["turns"], k) for q in questions for k in range(len(q["turns"]))]  # MT-Bench: 160
     # every pair in both orders: a table row for each model's view, like the paper's
     pairs = [(x, y) for a, b in itertools.combinations(runs, 2) for x, y in ((a, b), (b, a))]
@@ -350,9 +355,9 @@ def soup_rewards(args: Args, weights: list[list[float]]) -> list[tuple[list[floa
     reused: each soup is computed in memory and loaded into it, never written to disk."""
     device = salsa.setup_dist(args.seed).device
     tok = salsa.load_tokenizer(args.models[0])
-    states = [{k: read_tensor(f, k) for k, (f, _, _) in layout.items()} for layout in check_ingredients(args.models)]
-    model = salsa.load_model(args.models[0], tok, args.dtype, args.attn, device).eval()
-    rm = salsa.load_reward_model(args.reward, args.dtype, args.attn, device)
+    states = read_states(args.models)
+    model = salsa.load_model(args.models[0], tok, args.dtype, args.attn, device, allow_pickle=args.allow_pickle).eval()
+    rm = salsa.load_reward_model(args.reward, args.dtype, args.attn, device, allow_pickle=args.allow_pickle)
     questions = sorted(((prompt_ids(tok, q["turns"][0], args.max_prompt_len, f"{args.questions} question {q['id']}"),
                          q["turns"][0]) for q in load_questions(args.questions, args.split, args.limit)),
                        key=lambda p: len(p[0]))  # similar lengths share a batch
@@ -361,7 +366,7 @@ def soup_rewards(args: Args, weights: list[list[float]]) -> list[tuple[list[floa
     for w in tqdm(weights, desc="soups"):
         missing, unexpected = model.load_state_dict(soup_state_dicts(states, w), strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:  # a tied lm_head is saved once, as the embedding
-            raise ValueError(f"{args.models[0]}: saved tensors do not match the model: {missing} {unexpected}")
+            raise salsa.InputError(f"{args.models[0]}: saved tensors do not match the model: {missing} {unexpected}")
         answers = generate(model, tok, prompts, args)
         r = rewards(rm, tok.pad_token_id, [p + a + [tok.eos_token_id] for p, a in zip(prompts, answers)],
                     args.batch_size)
@@ -401,7 +406,7 @@ def plot(png: Path, draw):
 
 def alpha_line(args: Args):
     if len(args.models) != 2:
-        raise ValueError("alpha-line needs --models REF OTHER (soup = (1 - alpha) REF + alpha OTHER, eq. 3)")
+        raise salsa.InputError("alpha-line needs --models REF OTHER (soup = (1 - alpha) REF + alpha OTHER, eq. 3)")
     rows = [{"alpha": a, **reward_stats(x), "n": len(x), **({"mean_gold": sum(g) / len(g)} if g else {})}
             for a, (x, g) in zip(args.alphas, soup_rewards(args, [[1 - a, a] for a in args.alphas]))]
     write_csv(Path(args.out, "alpha_line.csv"), rows)
@@ -421,7 +426,7 @@ def plane(args: Args):
     """Fig. 2c: the models at the corners (0, 0), (1, 0), (1/2, √3/2); the soup at a point (x, y) has its
     barycentric coordinates as weights, negative outside the triangle."""
     if len(args.models) != 3:
-        raise ValueError("plane needs --models A B C: three SFT models of one base")
+        raise salsa.InputError("plane needs --models A B C: three SFT models of one base")
     h = 3**0.5 / 2
     xs = torch.linspace(-args.margin, 1 + args.margin, args.grid, dtype=torch.float64).tolist()
     ys = torch.linspace(-args.margin, h + args.margin, args.grid, dtype=torch.float64).tolist()
@@ -446,7 +451,7 @@ def reward_hist(args: Args):
     questions = load_questions(args.questions, args.split, args.limit)
     runs = dict(load_answers(p, questions) for p in args.answers)  # {model_id: {question id: turns}}
     if not runs or len(runs) < len(args.answers):
-        raise ValueError(f"--answers {' '.join(args.answers)}: give answer files of one or more distinct models")
+        raise salsa.InputError(f"--answers {' '.join(args.answers)}: give answer files of one or more distinct models")
     units = [(str(q["id"]), q["turns"], k) for q in questions for k in range(len(q["turns"]))]
     args.judge = f"rm:{args.reward}"
     rows = [{"model": name, "question_id": qid, "turn": k + 1, "reward": v}
@@ -467,12 +472,16 @@ def reward_hist(args: Args):
 
 COMMANDS = {"answer": answer, "judge": judge, "alpha-line": alpha_line, "plane": plane, "reward-hist": reward_hist}
 
+
+def main(args: Args, command: str):
+    if not args.questions or not args.out:
+        raise salsa.InputError(f"eval.py {command}: give --questions and --out")
+    COMMANDS[command](args)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] in (["-h"], ["--help"]):
         salsa.parse_args(Args, ["--help"])
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         sys.exit(f"usage: python eval.py {{{','.join(COMMANDS)}}} [flags]   (python eval.py --help lists the flags)")
-    args = salsa.parse_args(Args, sys.argv[2:])
-    if not args.questions or not args.out:
-        sys.exit(f"eval.py {sys.argv[1]}: give --questions and --out")
-    COMMANDS[sys.argv[1]](args)
+    salsa.run(lambda args: main(args, sys.argv[1]), Args, sys.argv[2:])

@@ -80,8 +80,11 @@ class Args:
     save_every: int = salsa.arg(50, "checkpoint every N steps (atomic; --resume continues)")
     sample_every: int = salsa.arg(10, "print and save a table of sampled responses every N steps")
     resume: bool = salsa.arg(False, "continue from the latest checkpoint in OUT.ckpt")
-    dtype: str = salsa.arg("float32", "weights dtype of all four models")
+    dtype: str = salsa.arg("float32", "weights dtype of the policy (and of the frozen models, unless --frozen-dtype)")
+    frozen_dtype: str = salsa.arg("", "weights dtype of the frozen reference(s) and reward model (empty: --dtype); "
+                                      "bfloat16 halves their memory, their heads still run in fp32")
     attn: str = salsa.arg("sdpa", "attention implementation (sdpa, eager, flash_attention_2)")
+    allow_pickle: bool = salsa.arg(False, "load models whose weights are only a pickle (pytorch_model.bin runs code)")
 
 
 class PolicyWithValue(nn.Module):
@@ -113,6 +116,8 @@ def kl_per_token(logp, ref_logp, estimator: str):
     """Per-token KL(π‖π_ref) estimate from samples of π: k1 = log π - log π_ref is unbiased;
     k3 = (r - 1) - log r, r = π_ref / π, is unbiased and ≥ 0."""
     log_ratio = logp - ref_logp
+    if estimator not in ("k1", "k3"):
+        raise ValueError(f"KL estimator {estimator!r}: expected k1 or k3")
     return log_ratio if estimator == "k1" else torch.expm1(-log_ratio) + log_ratio
 
 
@@ -144,8 +149,10 @@ def gae(rewards, values, mask, gamma: float, lam: float):
 
 
 def whiten(x, mask, shift_mean=True, dist=salsa.Dist()):
-    """Zero mean, unit variance over the real tokens of every rank's batch."""
+    """Zero mean, unit variance over the real tokens of every rank's batch (check_args makes it 2 or more)."""
     n = salsa.all_sum(mask.sum(), dist)
+    if n < 2:
+        raise ValueError(f"whitening needs 2 or more tokens to estimate a variance, got {int(n)}")
     mean = salsa.all_sum((x * mask).sum(), dist) / n
     var = salsa.all_sum(((x - mean) ** 2 * mask).sum(), dist) / (n - 1).clamp(min=1)  # unbiased
     white = (x - mean) * torch.rsqrt(var + 1e-8)
@@ -153,14 +160,17 @@ def whiten(x, mask, shift_mean=True, dist=salsa.Dist()):
 
 
 def ppo_losses(logp, old_logp, values, old_values, adv, returns, mask, cliprange, cliprange_value):
-    """Clipped surrogate (Schulman 2017 eq. 7) and clipped value loss; token sums and statistics."""
+    """Clipped surrogate (Schulman 2017 eq. 7) and clipped value loss; token sums and statistics. Both
+    clip fractions count one rule: the tokens whose loss is the clipped term (the max took it), so
+    their gradient is 0."""
     ratio = torch.exp(logp - old_logp)
-    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange))  # PPO clip, eq. 7
+    pg_plain, pg_clipped = -adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange)
+    pg = torch.max(pg_plain, pg_clipped)  # PPO clip, eq. 7
     v_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
-    vf = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
-    stats = {"ppo/clipfrac": ((ratio - 1).abs() > cliprange).float(), "ppo/ratio_mean": ratio,
-             "ppo/approx_kl": 0.5 * (logp - old_logp) ** 2,
-             "ppo/vf_clipfrac": ((values - returns) ** 2 < (v_clipped - returns) ** 2).float()}
+    vf_plain, vf_clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
+    vf = 0.5 * torch.max(vf_plain, vf_clipped)
+    stats = {"ppo/clipfrac": (pg_clipped > pg_plain).float(), "ppo/ratio_mean": ratio,
+             "ppo/approx_kl": 0.5 * (logp - old_logp) ** 2, "ppo/vf_clipfrac": (vf_clipped > vf_plain).float()}
     return (pg * mask).sum(), (vf * mask).sum(), {k: (v * mask).sum().item() for k, v in stats.items()}
 
 
@@ -197,26 +207,28 @@ def rollout(model, prompt, prompt_mask, gen_cfg, synced: bool):
 def load_prompts(args, tok) -> list[list[int]]:
     """Prompt token ids: rows with `prompt` (UltraFeedback) or `messages` (UltraChat, up to the last user turn)."""
     every = []
-    for i, row in enumerate(salsa.read_rows(args.data, args.split)):
-        where = f"{args.data} row {i}"
+    for where, row in salsa.read_rows(args.data, args.split):
         if "prompt" in row:
-            every.append(salsa.prompt_ids(tok, row["prompt"], where))
+            every.append((where, salsa.prompt_ids(tok, row["prompt"], where)))
         else:
-            msgs = salsa.check_messages(row.get("messages"), where)
-            last_user = max(j for j, m in enumerate(msgs) if m["role"] == "user")
-            every.append(salsa.prompt_ids(tok, msgs[: last_user + 1], where))
-    prompts = [ids for ids in every if len(ids) <= args.max_prompt_len]
-    if len(prompts) < len(every):
-        print(f"{args.data}: dropped {len(every) - len(prompts)} prompts longer than "
-              f"--max-prompt-len {args.max_prompt_len}")
+            msgs = salsa.check_messages(row.get("messages"), where, answered=False)
+            last_user = max((j for j, m in enumerate(msgs) if m["role"] == "user"), default=None)
+            if last_user is None:
+                raise salsa.InputError(f"{where}: no `prompt`, and no user turn in `messages` to prompt with")
+            every.append((where, salsa.prompt_ids(tok, msgs[: last_user + 1], where)))
+    prompts = [ids for _, ids in every if len(ids) <= args.max_prompt_len]
+    if long := [where for where, ids in every if len(ids) > args.max_prompt_len]:
+        print(f"{args.data}: dropped {len(long)} prompts longer than --max-prompt-len {args.max_prompt_len}: "
+              f"{salsa.rows_note(long)}")
     if len(prompts) < args.batch_size:
-        raise ValueError(f"{args.data}: {len(prompts)} usable prompts, fewer than --batch-size {args.batch_size}")
+        raise salsa.InputError(f"{args.data}: {len(prompts)} usable prompts, fewer than --batch-size {args.batch_size}")
     return prompts
 
 
 def load_references(args, tok, dist):
     """[(model, weight)]: the frozen models whose weighted per-token KLs form the penalty."""
-    kw = dict(dtype=args.dtype, attn=args.attn, device=dist.device, dist=dist)
+    kw = dict(dtype=args.frozen_dtype or args.dtype, attn=args.attn, device=dist.device, dist=dist,
+              allow_pickle=args.allow_pickle)
     if args.ref == "sft":  # eq. 2
         refs = [(salsa.load_model(args.model, tok, **kw), 1.0)]
     elif args.ref == "mkl":  # eq. 5: β/2·[KL(π‖π_ref) + KL(π‖π_other)]
@@ -227,26 +239,35 @@ def load_references(args, tok, dist):
         from soup import load_soup
         n = len(args.soup_models)
         weights = [1 - args.alpha, args.alpha] if n == 2 else [1 / n] * n
-        refs = [(salsa.distribute(lambda: load_soup(args.soup_models, weights, tok, dtype=args.dtype), dist), 1.0)]
+        refs = [(salsa.distribute(lambda: load_soup(args.soup_models, weights, tok, dtype=kw["dtype"]), dist), 1.0)]
     for model, _ in refs:
         model.eval().requires_grad_(False)
     return refs
 
 
 def check_args(args):
+    """Every flag and model directory checked before any work, so a bad one writes nothing."""
     if not args.model and not args.soup_models:
-        raise SystemExit("give --model (the SFT policy init) or --soup-models (the first is the policy init)")
+        raise salsa.InputError("give --model (the SFT policy init) or --soup-models (the first is the policy init)")
     args.model = args.model or args.soup_models[0]
     if args.ref in ("soup", "mkl") and args.soup_models and args.soup_models[0] != args.model:
-        raise SystemExit(f"the policy starts from the first soup model: --model {args.model} != {args.soup_models[0]}")
+        raise salsa.InputError(f"the policy starts from the first soup model: --model {args.model} != "
+                               f"{args.soup_models[0]}")
     if (args.ref == "mkl" or args.ref == "soup" and not args.soup) and len(args.soup_models) < 2:
         alternative = " or --soup DIR" if args.ref == "soup" else ""
-        raise SystemExit(f"--ref {args.ref} needs --soup-models A B [...]{alternative}")
+        raise salsa.InputError(f"--ref {args.ref} needs --soup-models A B [...]{alternative}")
+    if not 0 <= args.alpha <= 1:  # as soup.py without --extrapolate: a soup is a weighted average
+        raise salsa.InputError(f"--alpha {args.alpha}: a soup weight lies in [0, 1]")
+    if args.batch_size < 2:
+        raise salsa.InputError("--batch-size must be 2 or more: advantages are whitened over the batch's tokens")
     if args.init_kl_coef < 0:
         args.init_kl_coef = 0.01 if args.ref == "soup" else 0.2  # App. A.3 (MKL: none given; as PPO)
-    for path in [args.model, args.reward, args.soup] + args.soup_models:
-        if path and not Path(path).is_dir():
-            raise SystemExit(f"{path}: no such model directory")
+    paths = [p for p in [args.model, args.soup, *args.soup_models, args.reward] if p]
+    for path in paths:
+        if not Path(path).is_dir():
+            raise salsa.InputError(f"{path}: no such model directory")
+        salsa.check_model_dir(path, args.allow_pickle)
+    salsa.check_vocabularies(paths)  # the policy's token ids must mean the same to every model that scores them
 
 
 def save_policy(path, policy, tok, dist, files=None):
@@ -275,7 +296,7 @@ def main(args: Args):
     local_batch = args.batch_size // dist.world  # derived sizes, checked to divide evenly
     mb_rows = local_batch // args.minibatches  # rows of one minibatch on this rank
     if args.batch_size % dist.world or local_batch % args.minibatches or mb_rows % min(args.micro_batch, mb_rows):
-        raise SystemExit(f"--batch-size {args.batch_size} must split evenly over {dist.world} ranks, then into "
+        raise salsa.InputError(f"--batch-size {args.batch_size} must split evenly over {dist.world} ranks, then into "
                          f"--minibatches {args.minibatches}, then into --micro-batch {args.micro_batch} rows")
     steps = args.steps or len(prompts) // args.batch_size
 
@@ -283,13 +304,15 @@ def main(args: Args):
     resume_from = salsa.latest_checkpoint(ckpt_dir) if args.resume else None
     state = salsa.load_trainer_state(resume_from, dist) if resume_from else None
     # a sharded (torchrun) checkpoint holds no HF weights: load_optimizer_state restores them
-    policy = PolicyWithValue(salsa.load_model((dist.world == 1 and resume_from) or args.model, tok, **kw, train=True))
+    policy = PolicyWithValue(salsa.load_model((dist.world == 1 and resume_from) or args.model, tok, **kw, train=True,
+                                              allow_pickle=args.allow_pickle))
     if state:
         policy.v_head.load_state_dict(state["v_head"])
     policy = salsa.shard(policy.to(dist.device), dist, train=True)
     refs = load_references(args, tok, dist)
-    rm = salsa.load_reward_model(args.reward, **kw).requires_grad_(False)
-    policy.lm.generation_config = gen_cfg = salsa.generation_config(tok, args.temperature, args.max_new_tokens)
+    rm = salsa.load_reward_model(args.reward, args.frozen_dtype or args.dtype, args.attn, dist.device, dist,
+                                 args.allow_pickle).requires_grad_(False)
+    gen_cfg = salsa.generation_config(tok, args.temperature, args.max_new_tokens)
 
     updates = steps * args.ppo_epochs * args.minibatches
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5, weight_decay=0.0)
@@ -301,8 +324,8 @@ def main(args: Args):
         sched.load_state_dict(state["sched"])
         kl_coef, start, first = state["kl_coef"], state["step"], state["first"]
         salsa.set_rng_state(state["rng"], dist)
-        if dist.main:  # the interrupted run may have logged steps past its checkpoint: they are redone
-            Path(log).write_text("".join(json.dumps(r) + "\n" for r in salsa.read_jsonl(log) if r["step"] <= start))
+        if dist.main:
+            salsa.truncate_log(log, start)
         salsa.log0(dist, f"resumed from {resume_from} at step {start}")
 
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not dist.main, desc="ppo")
@@ -351,10 +374,11 @@ def main(args: Args):
                 opt.zero_grad(set_to_none=True)
                 rows = torch.cat([groups[j][0] for j in mb])
                 mb_tokens = salsa.all_sum(rmask[rows].sum(), dist)  # token mean over every rank's minibatch
-                for micro, c in (groups[j] for j in mb):
+                for k, (micro, c) in enumerate(groups[j] for j in mb):
                     logp, _, values = policy(seq[micro, c:], mask[micro, c:], P - c, args.temperature)
                     pg, vf, s = ppo_losses(logp, old_logp[micro], values, old_values[micro], adv[micro],
                                            returns[micro], rmask[micro], args.cliprange, args.cliprange_value)
+                    salsa.sync_grads(policy, last=k == len(mb) - 1)
                     ((pg + args.vf_coef * vf) / mb_tokens).backward()
                     for k, v in {**s, "ppo/policy_loss": pg.item(), "ppo/value_loss": vf.item()}.items():
                         stats[k] = stats.get(k, 0.0) + v
@@ -379,7 +403,7 @@ def main(args: Args):
             "lr": lr, "prompt_width": P, "time/rollout": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2,
         }
         if dist.world > 1:  # means of the ranks' values (exact for per-sequence means: equal rows per rank)
-            names = [k for k in metrics if k != "step"]
+            names = [k for k in metrics if k not in ("step", "prompt_width")]  # the width: rank 0's rows
             means = salsa.all_sum(torch.tensor([metrics[k] for k in names], dtype=torch.float64, device=dist.device), dist)
             metrics |= dict(zip(names, (means / dist.world).tolist()))
             seq_kl = metrics["objective/kl"]  # the KL controller must see the same KL on every rank
@@ -398,7 +422,9 @@ def main(args: Args):
                      "opt": salsa.optimizer_state(policy, opt, dist), "sched": sched.state_dict(),
                      "kl_coef": kl_coef, "step": step + 1, "first": first, "rng": salsa.rng_state(dist)}
             salsa.save_checkpoint(ckpt_dir, step + 1, policy.lm, tok, state, dist=dist)
-    save_policy(args.out, policy, tok, dist, files={"metrics.json": salsa.read_jsonl(log)[-1], "args.json": vars(args)})
+    # only rank 0 writes the log, so only it reads it (another rank could get there first)
+    files = {"metrics.json": salsa.read_jsonl(log)[-1], "args.json": vars(args)} if dist.main else None
+    save_policy(args.out, policy, tok, dist, files=files)
     salsa.log0(dist, f"saved {args.out}")
 
 
@@ -425,4 +451,4 @@ def samples(tok, seq, P, score, step, path, n=4):
 
 
 if __name__ == "__main__":
-    main(salsa.parse_args(Args))
+    salsa.run(main, Args)

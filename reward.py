@@ -19,7 +19,7 @@ both models are sharded with FSDP2 (salsa.distribute).
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
@@ -42,12 +42,14 @@ class Args:
     max_len: int = salsa.arg(2048, "pairs with a side longer than this many tokens are dropped (App. A.1's length)")
     lr: float = salsa.arg(2e-5, "peak learning rate, decayed linearly to 0 (App. A.2)")
     batch_size: int = salsa.arg(8, "pairs per optimizer step, all ranks together (App. A.2)")
-    micro_batch: int = salsa.arg(1, "pairs per forward per rank (2x rows: chosen and rejected)")
+    micro_batch: int = salsa.arg(1, "at most this many pairs per forward on one rank (2x rows: chosen and rejected)")
     weight_decay: float = salsa.arg(0.001, "AdamW weight decay (App. A.2)")
     epochs: int = salsa.arg(1, "passes over the training pairs")
     max_steps: int = salsa.arg(0, "optimizer steps (0: --epochs worth)")
     max_grad_norm: float = salsa.arg(1.0, "gradient clipping norm")
     eval_every: int = salsa.arg(500, "held-out evaluation every N steps (0: only at the end)")
+    save_every: int = salsa.arg(500, "steps between resumable checkpoints in OUT.ckpt (the 2 newest are kept; 0: none)")
+    resume: bool = salsa.arg(False, "continue from the newest checkpoint in OUT.ckpt, with the same flags")
     norm_samples: int = salsa.arg(64, "SFT responses whose mean raw reward becomes the bias (0: held-out pairs)")
     norm_max_new_tokens: int = salsa.arg(64, "max new tokens of each normalisation response")
     norm_temperature: float = salsa.arg(0.7, "sampling temperature of the normalisation responses, ppo.py's "
@@ -55,7 +57,8 @@ class Args:
     seed: int = salsa.arg(0, "seed of shuffling, head init and normalisation sampling")
     dtype: Literal["float32", "bfloat16", "float16"] = salsa.arg("float32", "weights and AdamW state dtype")
     attn: str = salsa.arg("sdpa", "attention implementation (sdpa, eager, flash_attention_2)")
-    out: str = salsa.arg("runs/reward", "output directory (must not exist)")
+    allow_pickle: bool = salsa.arg(False, "load a --model whose weights are only a pickle (pytorch_model.bin runs code)")
+    out: str = salsa.arg("runs/reward", "output directory (must not exist); checkpoints and metrics.jsonl go to OUT.ckpt")
 
 
 def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -67,43 +70,52 @@ def tokenize_pair(tok, row, where: str):
     for key in ("chosen", "rejected"):
         messages = salsa.check_messages(row.get(key) if isinstance(row, dict) else None, f"{where} `{key}`")
         if messages[-1]["role"] != "assistant":
-            raise ValueError(f"{where}: `{key}` must end with the assistant's response")
+            raise salsa.InputError(f"{where}: `{key}` must end with the assistant's response")
     if row["chosen"][:-1] != row["rejected"][:-1]:
-        raise ValueError(f"{where}: `chosen` and `rejected` must share the conversation before their last message")
+        raise salsa.InputError(f"{where}: `chosen` and `rejected` must share the conversation before their last message")
     prompt, sides = salsa.prompt_ids(tok, row["chosen"][:-1], where), []
     for key in ("chosen", "rejected"):
         full = salsa.render(tok, row[key])
         if full[: len(prompt)] != prompt or tok.eos_token_id not in full[len(prompt):]:
-            raise ValueError(f"{where}: the chat template's rendering of `{key}` does not extend the prompt "
+            raise salsa.InputError(f"{where}: the chat template's rendering of `{key}` does not extend the prompt "
                              f"and close the response with {tok.eos_token!r}; use a chat tokenizer that does")
         sides.append(full[: full.index(tok.eos_token_id, len(prompt)) + 1])
     return prompt, *sides
 
 
 def load_pairs(tok, source: str, split: str, max_len: int, dist) -> list[tuple]:
-    name = source if os.path.exists(source) else f"{source}[{split}]"
-    pairs = [tokenize_pair(tok, row, f"{name} row {i}") for i, row in
-             enumerate(tqdm(salsa.read_rows(source, split), desc=f"tokenize {name}", disable=not dist.main))]
-    kept = [p for p in pairs if max(len(p[1]), len(p[2])) <= max_len]
-    salsa.log0(dist, f"{name}: {len(kept)} pairs, {len(pairs) - len(kept)} dropped for a side longer than "
-                     f"--max-len {max_len}")
+    """(prompt, chosen, rejected) ids of every usable row; which rows were dropped, and why, is printed."""
+    rows = salsa.read_rows(source, split)
+    pairs = [(where, tokenize_pair(tok, row, where)) for where, row in tqdm(rows, desc=f"tokenize {source}",
+                                                                            disable=not dist.main)]
+    same = [where for where, p in pairs if p[1] == p[2]]  # no preference to learn: the loss is log 2, its gradient 0
+    long = [where for where, p in pairs if max(len(p[1]), len(p[2])) > max_len]
+    kept = [p for where, p in pairs if where not in set(same + long)]
+    salsa.log0(dist, f"{source}: {len(kept)} pairs")
+    for why, wheres in ((f"a side longer than --max-len {max_len}", long), ("`chosen` equal to `rejected`", same)):
+        if wheres:
+            salsa.log0(dist, f"{source}: dropped {len(wheres)} pairs with {why}: {salsa.rows_note(wheres)}")
     if not kept:
-        raise ValueError(f"{name}: no pair fits in --max-len {max_len}; raise it")
+        raise salsa.InputError(f"{source}: no usable pair (see above); raise --max-len or fix the rows")
     return kept
 
 
-def init_reward_model(args, tok):
+def init_reward_model(args, tok, checkpoint: str | None = None):
+    """The SFT model with a new scalar head, or (resuming in one process) the reward model of a checkpoint."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
     logging.set_verbosity_error()  # the head is missing from an SFT checkpoint by design: no load report
-    rm = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, dtype=getattr(torch, args.dtype),
-                                                            attn_implementation=args.attn)
+    salsa.check_model_dir(checkpoint or args.model, args.allow_pickle)
+    rm = AutoModelForSequenceClassification.from_pretrained(checkpoint or args.model, num_labels=1,
+                                                            dtype=getattr(torch, args.dtype), attn_implementation=args.attn,
+                                                            use_safetensors=None if args.allow_pickle else True)
+    salsa.check_finite(rm.state_dict(), checkpoint or args.model)
     if len(tok) > rm.get_input_embeddings().weight.shape[0]:
         rm.resize_token_embeddings(len(tok))
     rm.config.pad_token_id, rm.config.reward_bias = tok.pad_token_id, 0.0
-    # the same head on every rank: a generator of its own, not the rank-offset global seed
-    torch.nn.init.normal_(rm.score.weight, std=1 / math.sqrt(rm.score.in_features + 1),
-                          generator=torch.Generator().manual_seed(args.seed))
+    if not checkpoint:  # the same head on every rank: a generator of its own, not the rank-offset global seed
+        torch.nn.init.normal_(rm.score.weight, std=1 / math.sqrt(rm.score.in_features + 1),
+                              generator=torch.Generator().manual_seed(args.seed))
     salsa.disable_dropout(rm)
     return rm
 
@@ -112,7 +124,8 @@ def generate_references(args, tok, prompts: list[list[int]], dist) -> list[tuple
     """(prompt, prompt + response) pairs from the initial SFT model, responses cut after the first EOS."""
     if not prompts:
         return []
-    policy = salsa.load_model(args.model, tok, args.dtype, args.attn, dist.device, dist).eval()
+    policy = salsa.load_model(args.model, tok, args.dtype, args.attn, dist.device, dist,
+                              allow_pickle=args.allow_pickle).eval()
     cfg = salsa.generation_config(tok, args.norm_temperature, args.norm_max_new_tokens)  # as ppo.py samples
     torch.manual_seed(args.seed)  # every rank draws the same samples
     refs, rows = [], args.batch_size
@@ -155,9 +168,9 @@ def evaluate(rm, pairs: list[tuple], args, dist) -> dict:
 
 def main(args: Args):
     dist = salsa.setup_dist(args.seed)
-    if args.batch_size % (dist.world * args.micro_batch):
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of {dist.world} ranks x "
-                         f"--micro-batch {args.micro_batch}")
+    if args.batch_size % dist.world:
+        raise salsa.InputError(f"--batch-size {args.batch_size} must split evenly over {dist.world} ranks")
+    micro = min(args.micro_batch, args.batch_size // dist.world)  # pairs per forward on this rank
     tok = salsa.load_tokenizer(args.model)
     train = load_pairs(tok, args.data, args.split, args.max_len, dist)
     random.Random(args.seed).shuffle(train)
@@ -168,23 +181,39 @@ def main(args: Args):
         held_out, train = train[:n_eval], train[n_eval:]
     per_epoch = len(train) // args.batch_size
     if per_epoch == 0:
-        raise ValueError(f"{args.data}: {len(train)} training pairs, fewer than one --batch-size {args.batch_size}")
+        raise salsa.InputError(f"{args.data}: {len(train)} training pairs, fewer than one --batch-size {args.batch_size}")
     total = args.max_steps or args.epochs * per_epoch
     order = [i for e in range(math.ceil(total / per_epoch))
              for i in random.Random(args.seed + e).sample(range(len(train)), per_epoch * args.batch_size)]
-    ckpt = salsa.prepare_out(args.out, resume=False)  # after every check on the data: a bad row writes nothing
+    ckpt = salsa.prepare_out(args.out, args.resume)  # after every check on the data: a bad row writes nothing
+    log, flags = os.path.join(ckpt, "metrics.jsonl"), {k: v for k, v in asdict(args).items() if k != "resume"}
+    start = salsa.latest_checkpoint(ckpt) if args.resume else None
+    state = salsa.load_trainer_state(start, dist) if start else None
+    if state and (changed := [k for k in flags if state["flags"].get(k) != flags[k]]):
+        raise salsa.InputError(f"{start} was made with other flags ({', '.join(changed)}): resume with the same ones")
 
-    refs = generate_references(args, tok, [train[i][0] for i in order[:args.norm_samples]], dist)
-    rm = salsa.distribute(lambda: init_reward_model(args, tok), dist, train=True)
+    # the normalisation samples come from the initial SFT model: drawn once, kept in every checkpoint
+    refs = state["refs"] if state else generate_references(args, tok, [train[i][0] for i in order[:args.norm_samples]],
+                                                            dist)
+    # a sharded (torchrun) checkpoint holds no HF weights: load_optimizer_state restores them
+    rm = salsa.distribute(lambda: init_reward_model(args, tok, dist.world == 1 and start or None), dist, train=True)
     opt = torch.optim.AdamW(rm.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: salsa.lr_lambda(s, total, 0))
-    bar = tqdm(range(total), desc="reward", disable=not dist.main)
+    if state:
+        salsa.load_optimizer_state(rm, opt, state["optimizer"], dist)
+        sched.load_state_dict(state["scheduler"])
+        if dist.main:
+            salsa.truncate_log(log, state["step"])
+        salsa.log0(dist, f"resuming from {start} at step {state['step']}/{total}")
+    bar = tqdm(range(state["step"] if state else 0, total), desc="reward", initial=state["step"] if state else 0,
+               total=total, disable=not dist.main)
     for step in bar:
         mine = [train[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]][dist.rank::dist.world]
         stats = torch.zeros(3, device=dist.device)  # loss, correct, margin: summed over the batch
-        for k in range(0, len(mine), args.micro_batch):
-            r_w, r_l = pair_rewards(rm, mine[k:k + args.micro_batch], dist.device)
+        for k in range(0, len(mine), micro):
+            r_w, r_l = pair_rewards(rm, mine[k:k + micro], dist.device)
             loss = bt_loss(r_w, r_l)
+            salsa.sync_grads(rm, last=k + micro >= len(mine))
             (loss * len(r_w) / args.batch_size).backward()  # summed over micro-batches and ranks: the batch mean
             stats += torch.stack([loss.detach() * len(r_w), (r_w > r_l).sum().float(), (r_w - r_l).detach().sum()])
         grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), args.max_grad_norm)
@@ -199,7 +228,11 @@ def main(args: Args):
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total:
             row |= evaluate(rm, held_out, args, dist)
         if dist.main:
-            salsa.log_jsonl(os.path.join(ckpt, "metrics.jsonl"), row)
+            salsa.log_jsonl(log, row)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
+            state = {"optimizer": salsa.optimizer_state(rm, opt, dist), "scheduler": sched.state_dict(),
+                     "step": step + 1, "refs": refs, "flags": flags}
+            salsa.save_checkpoint(ckpt, step + 1, rm, tok, state, dist=dist)
 
     final = evaluate(rm, held_out, args, dist)
     with torch.no_grad():  # rm.config.reward_bias is still 0: these are raw rewards
@@ -211,11 +244,11 @@ def main(args: Args):
     samples = [{"prompt": tok.decode(p), "response": tok.decode(s[len(p):]), "ids": s,
                 "reward": r - rm.config.reward_bias} for (p, s), r in zip(refs, raw)]
     if dist.main:
-        salsa.log_jsonl(os.path.join(ckpt, "metrics.jsonl"), metrics)
+        salsa.log_jsonl(log, metrics)
     salsa.save_model(args.out, rm, tok, files={"metrics.json": metrics, "norm_samples.json": samples}, dist=dist)
     if dist.world > 1:
         torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(salsa.parse_args(Args))
+    salsa.run(main, Args)

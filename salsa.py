@@ -43,7 +43,23 @@ from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 
-# ---------------------------------------------------------------- flags
+# ---------------------------------------------------------------- flags and errors
+class InputError(ValueError):
+    """Bad input a person can fix (a flag, a file, a row, a tensor): the message names it and says what
+    to do. A stage started by `run` ends on it with one `error: ...` line and no traceback, which is
+    kept for bugs."""
+
+
+def run(main, cls, argv=None):
+    """A stage's entry point: parse the flags of dataclass `cls`, then `main(args)`."""
+    args = parse_args(cls, argv)
+    try:
+        main(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def arg(default, help: str):
     """A dataclass field whose help text becomes the flag's `--help` line."""
     if isinstance(default, list):
@@ -133,7 +149,7 @@ def distribute(build, dist: Dist, train: bool = False):
     cls, config, generation_config, dtype = spec[0]
     with torch.device("meta"):
         model = cls._from_config(config, dtype=dtype)
-    if generation_config is not None:  # a causal LM's own: pad id, sampling defaults
+    if generation_config is not None:  # a causal LM's (load_model: blank but for the pad id)
         model.generation_config = generation_config
     disable_dropout(model)
     shard(model.train(train), dist, train).to_empty(device=dist.device)
@@ -208,6 +224,13 @@ def full_state_dict(model, dist: Dist) -> dict:
     return {k: v for k, v in state.items() if k not in tied}
 
 
+def sync_grads(model, last: bool):
+    """FSDP: reduce gradients only in the backward of a minibatch's last micro-batch; the ones before
+    accumulate unsharded on each rank (no communication). One process: nothing to do."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(last)
+
+
 def full(x: torch.Tensor) -> torch.Tensor:
     """A DTensor (a gradient norm under FSDP) gathered whole; any other tensor as it is."""
     return x.full_tensor() if isinstance(x, torch.distributed.tensor.DTensor) else x
@@ -257,6 +280,8 @@ def load_tokenizer(path: str):
     tokenizer has no pad (or pad == eos) we take its unknown token if that is distinct, else add
     `<|pad|>` (load_model then grows the embedding)."""
     from transformers import AutoTokenizer
+    if not Path(path).is_dir() and not is_hub_name(path):
+        raise InputError(f"{path}: no such model directory (nor a hub name org/model)")
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         if tok.unk_token is not None and tok.unk_token_id != tok.eos_token_id:
@@ -269,17 +294,103 @@ def load_tokenizer(path: str):
     return tok
 
 
+def is_hub_name(path: str) -> bool:
+    """`org/model` that is no local path: exactly one slash, and neither the path nor its folder exists here."""
+    return path.count("/") == 1 and not path.startswith((".", "/", "~")) and not Path(path).parent.exists()
+
+
+def check_model_dir(path: str, allow_pickle: bool = False):
+    """Refuse, naming the file, a local model directory that transformers would fail on with a traceback
+    naming neither (no config.json, a truncated safetensors file) or load without asking: pickled weights
+    (pytorch_model.bin) run code when loaded, so they need `allow_pickle` (the scripts' --allow-pickle)."""
+    d = Path(path)
+    if not d.is_dir():
+        if is_hub_name(path):
+            return
+        raise InputError(f"{path}: no such model directory (nor a hub name org/model)")
+    if not (d / "config.json").exists():
+        raise InputError(f"{path}: no config.json, so not a Hugging Face model directory: give the folder "
+                         "save_pretrained wrote")
+    index = d / "model.safetensors.index.json"
+    files = sorted({d / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.exists() \
+        else sorted(d.glob("*.safetensors"))
+    pickles = sorted(p.name for p in d.glob("pytorch_model*.bin"))
+    if not files and pickles and not allow_pickle:
+        raise InputError(f"{path}: weights only as a pickle ({pickles[0]}), which can run code when loaded: "
+                         "convert them to safetensors, or pass --allow-pickle if you trust the file")
+    if not files and not pickles:
+        raise InputError(f"{path}: no weights (model.safetensors) in the directory")
+    for f in files:
+        safetensors_header(str(f))
+
+
+def safetensors_header(file: str) -> tuple[int, dict]:
+    """(offset of the first data byte, {tensor: {dtype, shape, data_offsets}}) of a safetensors file, whose
+    format is an 8-byte little-endian header length, the JSON header, then the tensors' bytes; refused,
+    naming the file, when it is missing, truncated or not safetensors."""
+    import struct
+    if not Path(file).exists():
+        raise InputError(f"{file}: missing (the model directory's index lists it): copy the whole directory")
+    size = Path(file).stat().st_size
+    with open(file, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0] if size >= 8 else size
+        try:
+            header = json.loads(fh.read(n)) if 8 + n <= size else None
+        except ValueError:
+            header = None
+    ends = [spec["data_offsets"][1] for k, spec in (header or {}).items() if k != "__metadata__"]
+    if header is None or 8 + n + max(ends, default=0) != size:
+        raise InputError(f"{file}: truncated or not a safetensors file ({size} bytes): save or copy it again")
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def check_finite(tensors: dict, where: str):
+    """Refuse a model whose weights hold NaN or inf (a diverged run): it would train or score silently
+    as NaN, or die deep inside sampling."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise InputError(f"{where}: tensor {name} holds NaN or inf values: the checkpoint is broken "
+                             "(a diverged run?); use an earlier one")
+
+
+def vocabulary(path: str):
+    """What must match for token ids to mean the same in two models: the config's vocab_size and the
+    tokenizer's tokens (read from its files: importing transformers would double a soup's time)."""
+    size = json.loads(Path(path, "config.json").read_text())["vocab_size"]
+    if Path(path, "tokenizer.json").exists():
+        tokenizer = json.loads(Path(path, "tokenizer.json").read_text())
+        return size, tokenizer["model"].get("vocab"), [t["content"] for t in tokenizer.get("added_tokens", [])]
+    return size, Path(path, "tokenizer.model").read_bytes() if Path(path, "tokenizer.model").exists() else None
+
+
+def check_vocabularies(paths: list[str]):
+    """Refuse models whose token ids mean different things (a soup, a reference or a reward model of
+    another tokenizer would score the policy's tokens as other words)."""
+    for p in paths[1:]:
+        if vocabulary(p) != vocabulary(paths[0]):
+            raise InputError(f"{p}: its vocabulary (config vocab_size or tokenizer tokens) differs from "
+                             f"{paths[0]}'s: use models fine-tuned from one base, with one tokenizer")
+
+
 def load_model(path: str, tok=None, dtype: str = "float32", attn: str = "sdpa", device="cpu", dist=None,
-               train: bool = False):
+               train: bool = False, allow_pickle: bool = False):
     """A causal LM from a local directory or hub name, dropout off (RL needs the rollout and the
     training forward to be the same function), pad id set from the tokenizer. Under torchrun
-    (`dist.world > 1`) it comes back sharded by `distribute`, `train` saying it will be trained."""
-    from transformers import AutoModelForCausalLM
-    if not (Path(path).is_dir() or "/" in path):
-        raise FileNotFoundError(f"{path}: not a local model directory nor a hub name (org/model)")
+    (`dist.world > 1`) it comes back sharded by `distribute`, `train` saying it will be trained.
+
+    Its own generation_config.json is dropped for a blank one: transformers merges a model's
+    settings (do_sample, top_p, repetition_penalty, ...) into every config passed to generate, so a
+    checkpoint saved with sampling settings would make "greedy" sample and PPO's rollouts differ
+    from the distribution it scores. Every generate gets a complete salsa.generation_config."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    check_model_dir(path, allow_pickle)
 
     def build():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn,
+                                                     use_safetensors=None if allow_pickle else True)
+        check_finite(model.state_dict(), path)
+        model.generation_config = GenerationConfig()
         if tok is not None:
             if len(tok) > model.get_input_embeddings().weight.shape[0]:
                 model.resize_token_embeddings(len(tok))
@@ -319,46 +430,71 @@ def convert_gguf(gguf_file: str, out: str):
 ROLES = {"system", "user", "assistant"}
 
 
-def read_rows(source: str, split: str = "train") -> list[dict]:
-    """Rows from a local .json/.jsonl/.parquet file or a hub dataset name (with `split`)."""
+def read_rows(source: str, split: str = "train") -> list[tuple[str, dict]]:
+    """(where, row) from a local .json/.jsonl/.parquet file or a hub dataset name (with `split`). `where`
+    names the row for error messages, one rule everywhere: "FILE line N" (a jsonl file's line number),
+    else "SOURCE row N", counted from 1. A UTF-8 byte-order mark (Windows editors write one) is skipped."""
     if os.path.exists(source):
         if source.endswith(".jsonl"):
             rows = []
-            with open(source) as fh:
+            with open(source, encoding="utf-8-sig") as fh:
                 for i, line in enumerate(fh, 1):
                     if line.strip():
                         try:
-                            rows.append(json.loads(line))
+                            rows.append((f"{source} line {i}", json.loads(line)))
                         except json.JSONDecodeError as e:
-                            raise ValueError(f"{source} line {i}: not valid JSON ({e})") from None
+                            raise InputError(f"{source} line {i}: not valid JSON ({e})") from None
             return rows
         if source.endswith(".json"):
-            return json.load(open(source))
-        if source.endswith(".parquet"):
+            try:
+                rows = json.loads(Path(source).read_text(encoding="utf-8-sig"))
+            except json.JSONDecodeError as e:
+                raise InputError(f"{source}: not valid JSON ({e})") from None
+            if not isinstance(rows, list):
+                raise InputError(f"{source}: expected a JSON list of rows")
+        elif source.endswith(".parquet"):
             import datasets
-            return list(datasets.Dataset.from_parquet(source))
-        raise ValueError(f"{source}: expected .json, .jsonl or .parquet")
-    if source.endswith((".json", ".jsonl", ".parquet")) or source.count("/") != 1:
-        raise FileNotFoundError(f"{source}: no such file, and not a hub dataset name (org/name)")
-    import datasets
-    return list(datasets.load_dataset(source, split=split))
+            rows = list(datasets.Dataset.from_parquet(source))
+        else:
+            raise InputError(f"{source}: expected .json, .jsonl or .parquet")
+    elif source.endswith((".json", ".jsonl", ".parquet")) or not is_hub_name(source):
+        raise InputError(f"{source}: no such file, and not a hub dataset name (org/name)")
+    else:
+        import datasets
+        rows = list(datasets.load_dataset(source, split=split))
+        source = f"{source}[{split}]"
+    return [(f"{source} row {i}", row) for i, row in enumerate(rows, 1)]
 
 
-def check_messages(messages, where: str) -> list[dict]:
-    """UltraChat-200k schema: a list of {role, content}; raise naming `where` otherwise."""
+def rows_note(wheres: list[str], shown: int = 3) -> str:
+    """The first few of `wheres`, for a message that says which rows were dropped or kept."""
+    return "; ".join(wheres[:shown]) + (f"; and {len(wheres) - shown} more" if len(wheres) > shown else "")
+
+
+def check_messages(messages, where: str, answered: bool = True) -> list[dict]:
+    """UltraChat-200k schema: a list of {role, content}, with an assistant turn if `answered`; raise naming
+    `where` otherwise."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: `messages` must be a non-empty list of {{role, content}}")
+        raise InputError(f"{where}: `messages` must be a non-empty list of {{role, content}}")
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}: message {j} must be {{'role': system|user|assistant, 'content': str}}, got {m!r:.80}")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError(f"{where}: no assistant message to learn from")
+            raise InputError(f"{where}: message {j} must be {{'role': system|user|assistant, 'content': str}}, "
+                             f"got {m!r:.80}")
+    if answered and not any(m["role"] == "assistant" for m in messages):
+        raise InputError(f"{where}: no assistant message to learn from")
     return messages
 
 
 def render(tok, messages: list[dict], add_generation_prompt=False) -> list[int]:
+    """Token ids of the chat template's text, with exactly one BOS where the tokenizer adds one (Llama-2,
+    Mistral, Gemma: their models never saw text without it) and none where it does not (SmolLM2). The
+    text is tokenised without special tokens, so a template that writes its own BOS keeps just that one."""
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    return tok(text, add_special_tokens=False)["input_ids"]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    bos = tok.bos_token_id
+    if bos is not None and tok("")["input_ids"][:1] == [bos] and ids[:1] != [bos]:
+        ids = [bos] + ids
+    return ids
 
 
 def tokenize_chat(tok, messages: list[dict], max_len: int, where: str = "row"):
@@ -373,7 +509,7 @@ def tokenize_chat(tok, messages: list[dict], max_len: int, where: str = "row"):
         before = render(tok, messages[:i], add_generation_prompt=True) if m["role"] == "assistant" else ids
         after = render(tok, messages[: i + 1])
         if after[: len(before)] != before or before[: len(ids)] != ids:
-            raise ValueError(f"{where}: chat template does not extend prefix by prefix at message {i}")
+            raise InputError(f"{where}: chat template does not extend prefix by prefix at message {i}")
         span = after[len(before):]
         if m["role"] == "assistant" and tok.eos_token_id in span:  # nothing after the stop token is learnt
             span = span[: span.index(tok.eos_token_id) + 1]
@@ -388,7 +524,7 @@ def prompt_ids(tok, prompt, where: str = "row") -> list[int]:
     """Token ids of a user prompt (str or messages ending with a user turn) plus the assistant header."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if not isinstance(messages, list) or not messages or messages[-1].get("role") != "user":
-        raise ValueError(f"{where}: prompt must be a string or messages ending with a user turn")
+        raise InputError(f"{where}: prompt must be a string or messages ending with a user turn")
     return render(tok, messages, add_generation_prompt=True)
 
 
@@ -404,12 +540,16 @@ def pad(seqs: list[list[int]], pad_id: int, left: bool = True, device="cpu"):
 
 
 def generation_config(tok, temperature: float, max_new_tokens: int):
-    """Plain temperature sampling (greedy at 0) from a fresh config, so no warper of the model's own
-    generation_config.json (top_k, top_p, repetition penalty) changes what is sampled: PPO scores
-    the samples with temperature-scaled log-probs, which must be the sampling distribution."""
+    """Plain temperature sampling (greedy at 0), every sampling field set: PPO scores its samples with
+    temperature-scaled log-probs, which must be the sampling distribution, and greedy must be greedy.
+    (load_model blanks each model's own generation_config, which transformers would merge into this.)"""
     from transformers import GenerationConfig
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else {}
-    return GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+    sample = temperature > 0
+    # top_k 0 is no top-k filter; greedy runs no warper, and 50 is the value transformers takes as unset there
+    return GenerationConfig(do_sample=sample, temperature=temperature if sample else 1.0, top_k=0 if sample else 50,
+                            top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+                            repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, min_new_tokens=0,
+                            max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
                             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
 
 
@@ -436,7 +576,7 @@ def hidden_states(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _logp_chunk(head_w, h, targets, inv_temp: float, softcap):
-    logits = F.linear(h, head_w).float()  # (N, V)
+    logits = F.linear(h.float(), head_w)  # (N, V), fp32 (head_w is)
     if softcap:  # Gemma-2's final logit soft-capping
         logits = torch.tanh(logits / softcap) * softcap
     logp_all = torch.log_softmax(logits * inv_temp, dim=-1)
@@ -450,16 +590,18 @@ def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperatu
     """log pi(target | hidden) and the policy entropy at each position, shapes (...,) like `targets`.
 
     `hidden[..., i, :]` is the state that predicts `targets[..., i]`. Logits are divided by the
-    sampling temperature (as in the rollout), computed in fp32, and in chunks of at most
+    sampling temperature (as in the rollout), computed in fp32 from the matmul on (a bf16 matmul
+    rounds them by ~0.015 nats per token under FSDP's bf16 compute: PPO's whole KL budget over a
+    512-token answer), and in chunks of at most
     `max_logits` floats; under autograd each chunk is recomputed in backward (checkpointing), so a
     256k vocabulary never holds (B*T, V) logits at once."""
-    head = model.get_output_embeddings()
+    head_w = model.get_output_embeddings().weight.float()  # (V, d); a copy only for a bf16 model
     softcap = getattr(model.config, "final_logit_softcapping", None)
     h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, d), (N,)
-    rows = max(1, max_logits // head.weight.shape[0])
+    rows = max(1, max_logits // head_w.shape[0])
     parts = []
     for i in range(0, h.shape[0], rows):
-        args = (head.weight, h[i:i + rows], t[i:i + rows], 1.0 / temperature, softcap)
+        args = (head_w, h[i:i + rows], t[i:i + rows], 1.0 / temperature, softcap)
         parts.append(checkpoint(_logp_chunk, *args, use_reentrant=False) if torch.is_grad_enabled()
                      else _logp_chunk(*args))
     logp, ent = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -470,8 +612,8 @@ def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperatu
 def lr_lambda(step: int, total: int, warmup: int, schedule: str = "linear") -> float:
     """Multiplier of the peak lr: linear warmup for `warmup` steps, then linear or cosine decay to 0."""
     import math
-    if step < warmup:
-        return (step + 1) / warmup
+    if step < warmup:  # steps 0 .. warmup-1 at 1/(warmup+1) .. warmup/(warmup+1): a 1-step warmup warms
+        return (step + 1) / (warmup + 1)
     frac = (step - warmup) / max(1, total - warmup)
     return max(0.0, 1 - frac) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
@@ -514,6 +656,7 @@ def save_checkpoint(ckpt_dir: str, step: int, model, tok, state: dict, keep: int
     and rank 0 the rest to trainer_state.pt, so nothing is gathered (a 7B model + Adam: ~87 GB on rank 0)."""
     import torch.distributed.checkpoint as dcp
     path = Path(ckpt_dir) / f"step-{step:08d}"
+    path.parent.mkdir(parents=True, exist_ok=True)
     if dist.world == 1:
         save_atomic(str(path), lambda tmp: (model.save_pretrained(tmp, safe_serialization=True),
                                             tok.save_pretrained(tmp), torch.save(state, Path(tmp, "trainer_state.pt"))))
@@ -548,13 +691,13 @@ def load_trainer_state(path: str, dist: Dist = Dist()) -> dict:
 
 def prepare_out(out: str, resume: bool) -> str:
     """Check `out` before any work: the final model dir must not exist; returns the run's
-    checkpoint dir `out.ckpt` (also home of metrics.jsonl), which must be empty unless resuming."""
+    checkpoint dir `out.ckpt` (also home of metrics.jsonl), which must hold no checkpoint unless
+    resuming. It is made by the first metrics row or checkpoint, so a run that fails before leaves none."""
     if Path(out).exists():
-        raise FileExistsError(f"{out} already exists: choose another --out or delete it")
+        raise InputError(f"{out} already exists: choose another --out or delete it")
     ckpt = f"{out}.ckpt"
     if not resume and latest_checkpoint(ckpt):
-        raise FileExistsError(f"{ckpt} holds checkpoints of an earlier run: pass --resume or delete it")
-    Path(ckpt).mkdir(parents=True, exist_ok=True)
+        raise InputError(f"{ckpt} holds checkpoints of an earlier run: pass --resume or delete it")
     for stale in Path(ckpt).glob(".*.tmp*"):  # half-written saves of a crashed run
         shutil.rmtree(stale)
     if not (resume and latest_checkpoint(ckpt)):  # a fresh start: no metrics of a run that died before a checkpoint
@@ -582,8 +725,14 @@ def set_rng_state(state, dist: Dist = Dist()):
 
 
 def log_jsonl(path: str, row: dict):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         fh.write(json.dumps(row) + "\n")
+
+
+def truncate_log(path: str, step: int):
+    """On resume: drop the metrics rows an interrupted run logged past its checkpoint (they are redone)."""
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r["step"] <= step))
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -591,18 +740,20 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------- reward models
-def load_reward_model(path: str, dtype: str = "float32", attn: str = "sdpa", device="cpu", dist: Dist | None = None):
+def load_reward_model(path: str, dtype: str = "float32", attn: str = "sdpa", device="cpu", dist: Dist | None = None,
+                      allow_pickle: bool = False):
     """A reward model saved by reward.py: a standard AutoModelForSequenceClassification (num_labels=1)
     directory whose config.json also carries `reward_bias`, the normalisation reward_scores subtracts.
     Eval mode, dropout off, sharded under torchrun; freezing it (requires_grad) is the caller's choice."""
     from transformers import AutoModelForSequenceClassification
-    if not (Path(path).is_dir() or "/" in path):
-        raise FileNotFoundError(f"{path}: not a local reward-model directory nor a hub name (org/model)")
+    check_model_dir(path, allow_pickle)
 
     def build():
-        rm = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn)
+        rm = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn,
+                                                                use_safetensors=None if allow_pickle else True)
+        check_finite(rm.state_dict(), path)
         if rm.config.num_labels != 1 or not isinstance(getattr(rm.config, "reward_bias", None), (int, float)):
-            raise ValueError(f"{path}: a reward model needs num_labels=1 and a numeric `reward_bias` in config.json "
+            raise InputError(f"{path}: a reward model needs num_labels=1 and a numeric `reward_bias` in config.json "
                              "(train it with reward.py, or add \"reward_bias\": 0.0 to use its raw scores)")
         disable_dropout(rm)
         return rm
@@ -766,6 +917,8 @@ class Recipe:
     prompts: str = arg("", "PPO prompts (paper: UltraFeedback's); empty: the task's")
     questions: str = arg("", "held-out questions (paper: MT-Bench, Arena-Hard, UltraFeedback test); empty: the task's")
     judge: str = arg("py:salsa:gold_score", "eval.py --judge: the task's gold judge; at scale `api` (GPT-4)")
+    judge_url: str = arg("https://api.openai.com/v1", "--judge api: OpenAI-compatible endpoint (key: $OPENAI_API_KEY)")
+    judge_model: str = arg("gpt-4-turbo", "--judge api: the judge model (the paper: GPT-4-Turbo)")
     task_seed: int = arg(0, "seed of the task generator")
     task_sizes: list[int] = arg([320, 320, 256, 64], "rows of the task's SFT, preference, PPO and question files")
     max_len: int = arg(256, "token limit of SFT and preference rows (App. A.1: 2048)")
@@ -843,8 +996,10 @@ def recipe(a: Recipe):
                                     questions, "--max-new-tokens", a.max_new_tokens, "--out", answers[n]])
     order = ["salsa", "ppo", "sft", *list(runs)[2:]]
     res = R / "results"
+    api = ["--judge-url", a.judge_url, "--judge-model", a.judge_model, "--cache", res / "judge_cache.jsonl"]
     stage("judge", None, [script["eval"], "judge", "--judge", a.judge, "--questions", questions, "--dataset",
-                          Path(questions).stem, "--answers", *[answers[n] for n in order], "--out", res / "wins"])
+                          Path(questions).stem, "--answers", *[answers[n] for n in order], "--out", res / "wins",
+                          *(api if a.judge == "api" else [])])
     stage("alpha-line", res / "alpha_line", [script["eval"], "alpha-line", "--models", sft[1], sft[2], "--reward",
                                              R / "rm", "--questions", questions, "--limit", a.alpha_limit,
                                              "--alphas", *a.alphas, "--max-new-tokens", a.max_new_tokens,

@@ -11,11 +11,9 @@ ranks, divided once by the batch's token count), so a token weighs the same howe
 split; only labelled positions reach the lm_head. Epochs are concatenated shuffles: a batch may
 straddle two. Under torchrun the model is sharded with FSDP2 (salsa.distribute).
 """
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -37,7 +35,8 @@ class Args:
     lr: float = salsa.arg(2.5e-5, "peak learning rate (App. A.1)")
     warmup_ratio: float = salsa.arg(0.03, "fraction of the steps with linear warmup (App. A.1)")
     batch_size: int = salsa.arg(8, "global batch in sequences, all ranks together (App. A.1: 8; 16 for Gemma-2B)")
-    micro_batch: int = salsa.arg(8, "sequences per forward on one rank; gradients accumulate up to --batch-size")
+    micro_batch: int = salsa.arg(8, "at most this many sequences per forward on one rank (each rank takes "
+                                    "--batch-size / ranks); gradients accumulate over them")
     max_len: int = salsa.arg(2048, "tokens kept per conversation, the first ones (App. A.1)")
     epochs: int = salsa.arg(1, "passes over the training rows (the paper does not say)")
     max_steps: int = salsa.arg(0, "optimizer steps; 0 = epochs x rows / batch size")
@@ -49,14 +48,16 @@ class Args:
     resume: bool = salsa.arg(False, "continue from the newest checkpoint in OUT.ckpt, with the same flags")
     dtype: str = salsa.arg("float32", "weight dtype; bfloat16 halves memory but AdamW then updates bf16 weights")
     attn: str = salsa.arg("sdpa", "attention implementation (paper: flash attention = flash_attention_2, needs flash-attn)")
+    allow_pickle: bool = salsa.arg(False, "load a --model whose weights are only a pickle (pytorch_model.bin runs code)")
 
 
 def read_chats(source: str, split: str) -> list[tuple[str, list[dict]]]:
     """(where, messages) per row, every row checked before anything is written."""
-    chats = []
-    for i, row in enumerate(salsa.read_rows(source, split), 1):
-        where = f"{source} row {i}"
-        chats.append((where, salsa.check_messages(row.get("messages") if isinstance(row, dict) else None, where)))
+    chats = [(where, salsa.check_messages(row.get("messages") if isinstance(row, dict) else None, where))
+             for where, row in salsa.read_rows(source, split)]
+    if ending := [where for where, m in chats if m[-1]["role"] == "user"]:
+        print(f"{source}: kept {len(ending)} conversations that end with a user turn (nothing after their "
+              f"last answer is learnt): {salsa.rows_note(ending)}")
     return chats
 
 
@@ -67,10 +68,10 @@ def hold_out(chats: list, frac: float) -> tuple[list, list]:
     return [c for i, c in enumerate(chats) if i not in held], [c for i, c in enumerate(chats) if i in held]
 
 
-def tokenize(tok, chats: list, max_len: int, show: bool) -> tuple[list, int]:
-    """(ids, labels) per conversation, and how many were dropped for an assistant turn beyond max_len."""
+def tokenize(tok, chats: list, max_len: int, show: bool) -> tuple[list, list[str]]:
+    """(ids, labels) per conversation, and where the ones dropped for an assistant turn beyond max_len were."""
     out = [salsa.tokenize_chat(tok, m, max_len, where) for where, m in tqdm(chats, "tokenize", disable=not show)]
-    return [x for x in out if x is not None], sum(x is None for x in out)
+    return [x for x in out if x is not None], [where for (where, _), x in zip(chats, out) if x is None]
 
 
 def collate(examples: list, pad_id: int, device):
@@ -109,17 +110,20 @@ def eval_loss(model, examples: list, micro: int, pad_id: int, dist) -> float:
 
 def main(args: Args):
     dist = salsa.setup_dist(args.seed)
-    if args.batch_size % (dist.world * args.micro_batch):
-        raise ValueError(f"--batch-size {args.batch_size} must split into {dist.world} rank(s) x --micro-batch {args.micro_batch}")
+    if args.batch_size % dist.world:
+        raise salsa.InputError(f"--batch-size {args.batch_size} must split evenly over {dist.world} ranks")
+    micro = min(args.micro_batch, args.batch_size // dist.world)  # rows per forward on this rank
     tok = salsa.load_tokenizer(args.model)
     chats = read_chats(args.data, args.split)
     train, held = (chats, read_chats(args.eval_data, args.eval_split)) if args.eval_data else hold_out(chats, args.eval_frac)
     ckpt = salsa.prepare_out(args.out, args.resume)  # after the rows are checked: a bad row writes nothing
     (train, dropped), (held, held_dropped) = (tokenize(tok, c, args.max_len, dist.main) for c in (train, held))
-    salsa.log0(dist, f"{len(train)} train and {len(held)} held-out conversations; dropped {dropped} + {held_dropped} "
-                     f"whose first assistant token lies beyond --max-len {args.max_len}")
+    salsa.log0(dist, f"{len(train)} train and {len(held)} held-out conversations")
+    if dropped + held_dropped:
+        salsa.log0(dist, f"dropped {len(dropped + held_dropped)} conversations whose first assistant token lies "
+                         f"beyond --max-len {args.max_len}: {salsa.rows_note(dropped + held_dropped)}")
     if len(train) < args.batch_size:
-        raise ValueError(f"{args.data}: {len(train)} usable conversations, fewer than --batch-size {args.batch_size}")
+        raise salsa.InputError(f"{args.data}: {len(train)} usable conversations, fewer than --batch-size {args.batch_size}")
 
     total = args.max_steps or args.epochs * len(train) // args.batch_size
     warmup = math.ceil(args.warmup_ratio * total)
@@ -133,7 +137,7 @@ def main(args: Args):
     state = salsa.load_trainer_state(start, dist) if start else None
     # a sharded (torchrun) checkpoint holds no HF weights: load_optimizer_state restores them
     model = salsa.load_model((dist.world == 1 and start) or args.model, tok, args.dtype, args.attn, dist.device, dist,
-                             train=True)
+                             train=True, allow_pickle=args.allow_pickle)
     # eps 1e-8 and betas (0.9, 0.999): PyTorch's and the HF Trainer's defaults, which the paper's TRL runs used.
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: salsa.lr_lambda(s, total, warmup, args.schedule))
@@ -141,14 +145,13 @@ def main(args: Args):
     step, log = 0, f"{ckpt}/metrics.jsonl"
     if start:
         if changed := [k for k in flags if state["flags"].get(k) != flags[k]]:
-            raise ValueError(f"{start} was made with other flags ({', '.join(changed)}): resume with the same ones")
+            raise salsa.InputError(f"{start} was made with other flags ({', '.join(changed)}): resume with the same ones")
         salsa.load_optimizer_state(model, opt, state["optimizer"], dist)
         sched.load_state_dict(state["scheduler"])
         salsa.set_rng_state(state["rng"], dist)
         step = state["step"]
-        if dist.main:  # the interrupted run may have logged steps past its checkpoint: they are redone
-            kept = [r for r in salsa.read_jsonl(log) if r["step"] <= step]
-            Path(log).write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if dist.main:
+            salsa.truncate_log(log, step)
         salsa.log0(dist, f"resuming from {start} at step {step}/{total}")
 
     row = {}
@@ -158,8 +161,9 @@ def main(args: Args):
         batch = [train[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
         mine, n_tok = batch[dist.rank::dist.world], n_labels(batch)  # n_tok counts all ranks' tokens
         nll = torch.zeros((), dtype=torch.float64, device=dist.device)
-        for i in range(0, len(mine), args.micro_batch):
-            nll_sum, _ = sft_nll(model, *collate(mine[i:i + args.micro_batch], tok.pad_token_id, dist.device))
+        for i in range(0, len(mine), micro):
+            nll_sum, _ = sft_nll(model, *collate(mine[i:i + micro], tok.pad_token_id, dist.device))
+            salsa.sync_grads(model, last=i + micro >= len(mine))
             (nll_sum / n_tok).backward()
             nll += nll_sum.detach().double()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -171,7 +175,7 @@ def main(args: Args):
                "train/grad_norm": salsa.full(grad_norm).item(),
                "train/tokens_per_s": sum(len(ids) for ids, _ in batch) / (time.time() - t0)}  # prompts included
         if held and (args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == total):
-            row["eval/loss"] = eval_loss(model, held, args.micro_batch, tok.pad_token_id, dist)
+            row["eval/loss"] = eval_loss(model, held, micro, tok.pad_token_id, dist)
         bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{row['train/tokens_per_s']:.0f}")
         if dist.main:
             salsa.log_jsonl(log, row)
@@ -180,10 +184,10 @@ def main(args: Args):
                      "step": step + 1, "rng": salsa.rng_state(dist), "flags": flags}
             salsa.save_checkpoint(ckpt, step + 1, model, tok, state, dist=dist)
     summary = {**row, "train_conversations": len(train), "eval_conversations": len(held),
-               "dropped": dropped + held_dropped, "flags": flags}
+               "dropped": len(dropped + held_dropped), "flags": flags}
     salsa.save_model(args.out, model, tok, files={"metrics.json": summary}, dist=dist)
     salsa.log0(dist, f"saved {args.out}")
 
 
 if __name__ == "__main__":
-    main(salsa.parse_args(Args))
+    salsa.run(main, Args)

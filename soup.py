@@ -53,26 +53,20 @@ class Args:
 
 
 # ---------------------------------------------------------------- ingredients
-@functools.lru_cache(maxsize=None)
-def read_header(file: str) -> tuple[int, dict]:
-    """(offset of the first data byte, {tensor: {dtype, shape, data_offsets}}) of a safetensors file,
-    whose format is an 8-byte little-endian header length, the JSON header, then the raw bytes."""
-    with open(file, "rb") as fh:
-        n = struct.unpack("<Q", fh.read(8))[0]
-        header = json.loads(fh.read(n))
-    header.pop("__metadata__", None)
-    return 8 + n, header
+read_header = functools.lru_cache(maxsize=None)(salsa.safetensors_header)  # read once per file, not per chunk
 
 
 def read_layout(path: str) -> dict[str, tuple[str, str, list[int]]]:
-    """{tensor: (file, safetensors dtype, shape)} of an HF model directory, one file or sharded."""
+    """{tensor: (file, safetensors dtype, shape)} of an HF model directory, one file or sharded; refused,
+    naming the file, with no config.json, with truncated or only pickled weights (soup.py reads safetensors)."""
+    salsa.check_model_dir(path)
     index = Path(path, "model.safetensors.index.json")
     names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     layout = {}
     for file in [str(Path(path, name)) for name in names]:
         for key, spec in read_header(file)[1].items():
             if spec["dtype"] not in DTYPES:
-                raise ValueError(f"{file}: tensor {key} has dtype {spec['dtype']}, which soup.py cannot read")
+                raise salsa.InputError(f"{file}: tensor {key} has dtype {spec['dtype']}, which soup.py cannot read")
             layout[key] = (file, spec["dtype"], spec["shape"])
     return layout
 
@@ -99,25 +93,15 @@ def check_same(specs: list[dict], names: list[str]):
     for spec, name in zip(specs[1:], names[1:]):
         for key in sorted(specs[0].keys() ^ spec.keys()):
             has, lacks = (names[0], name) if key in specs[0] else (name, names[0])
-            raise ValueError(f"{lacks}: tensor {key} is missing ({has} has it): soup models of one architecture")
+            raise salsa.InputError(f"{lacks}: tensor {key} is missing ({has} has it): soup models of one architecture")
         for key, (dtype, shape, value) in specs[0].items():
             for what, mine, theirs in (("shape", spec[key][1], shape), ("dtype", spec[key][0], dtype)):
                 if mine != theirs:
-                    raise ValueError(f"{name}: tensor {key} has {what} {mine}, {names[0]} has {theirs}: "
+                    raise salsa.InputError(f"{name}: tensor {key} has {what} {mine}, {names[0]} has {theirs}: "
                                      "soup models fine-tuned from one base, saved in one dtype")
             if value is not None and not torch.equal(value, spec[key][2]):
-                raise ValueError(f"{name}: buffer {key} differs from {names[0]}'s; non-float tensors are copied, "
+                raise salsa.InputError(f"{name}: buffer {key} differs from {names[0]}'s; non-float tensors are copied, "
                                  "not averaged")
-
-
-def vocabulary(path: str):
-    """What must match for token ids to mean the same in two models: the config's vocab_size and the
-    tokenizer's tokens (read from its files: importing transformers would double a soup's time)."""
-    size = json.loads(Path(path, "config.json").read_text())["vocab_size"]
-    if Path(path, "tokenizer.json").exists():
-        tokenizer = json.loads(Path(path, "tokenizer.json").read_text())
-        return size, tokenizer["model"].get("vocab"), [t["content"] for t in tokenizer.get("added_tokens", [])]
-    return size, Path(path, "tokenizer.model").read_bytes() if Path(path, "tokenizer.model").exists() else None
 
 
 def check_ingredients(paths: list[str]) -> list[dict]:
@@ -126,11 +110,7 @@ def check_ingredients(paths: list[str]) -> list[dict]:
     layouts = [read_layout(p) for p in paths]
     check_same([{k: (dtype, shape, None if DTYPES[dtype].is_floating_point else read_tensor(file, k))
                  for k, (file, dtype, shape) in layout.items()} for layout in layouts], paths)
-    vocabs = [vocabulary(p) for p in paths]
-    for p, vocab in zip(paths[1:], vocabs[1:]):
-        if vocab != vocabs[0]:
-            raise ValueError(f"{p}: its vocabulary (config vocab_size or tokenizer tokens) differs from {paths[0]}'s: "
-                             "soup models with one vocabulary")
+    salsa.check_vocabularies(paths)
     return layouts
 
 
@@ -138,14 +118,14 @@ def soup_weights(args: Args) -> list[float]:
     """alpha (eq. 3), explicit weights, or uniform (SALSA-n); refused unless they sum to 1."""
     n, alpha = len(args.models), args.alpha is not None
     if n < 2 or len({os.path.realpath(p) for p in args.models}) < n:
-        raise ValueError(f"--models {' '.join(args.models)}: give at least two different models (a soup of one is a copy)")
+        raise salsa.InputError(f"--models {' '.join(args.models)}: give at least two different models (a soup of one is a copy)")
     if alpha + bool(args.weights) + args.greedy > 1 or (alpha and n != 2) or len(args.weights) not in (0, n):
-        raise ValueError("give at most one of --alpha (two models), --weights (one per model), --greedy")
+        raise salsa.InputError("give at most one of --alpha (two models), --weights (one per model), --greedy")
     weights = [1 - args.alpha, args.alpha] if alpha else list(args.weights) or [1 / n] * n
     if not all(math.isfinite(w) for w in weights) or abs(sum(weights) - 1) > 1e-6:
-        raise ValueError(f"weights {weights} must be finite and sum to 1 (a soup is a weighted average)")
+        raise salsa.InputError(f"weights {weights} must be finite and sum to 1 (a soup is a weighted average)")
     if not args.extrapolate and not all(0 <= w <= 1 for w in weights):
-        raise ValueError(f"weights {weights} leave [0, 1]: pass --extrapolate to go outside the simplex")
+        raise salsa.InputError(f"weights {weights} leave [0, 1]: pass --extrapolate to go outside the simplex")
     return weights
 
 
@@ -173,16 +153,23 @@ def soup_state_dicts(state_dicts: list[dict], weights: list[float]) -> dict:
             for key, t in state_dicts[0].items()}
 
 
+def read_states(paths: list[str]) -> list[dict]:
+    """The state dicts of checked ingredients (check_ingredients; no NaN or inf), read whole."""
+    states = [{k: read_tensor(f, k) for k, (f, _, _) in layout.items()} for layout in check_ingredients(paths)]
+    for path, state in zip(paths, states):
+        salsa.check_finite(state, path)
+    return states
+
+
 def load_soup(paths: list[str], weights: list[float], tok=None, dtype: str = "float32", device="cpu"):
     """The soup of `paths` as a model, without writing it: loads the first with salsa.load_model and
     replaces its weights by the soup (computed in the files' dtype, as soup.py would write it)."""
-    layouts = check_ingredients(paths)
-    soup = soup_state_dicts([{k: read_tensor(f, k) for k, (f, _, _) in layout.items()} for layout in layouts], weights)
+    soup = soup_state_dicts(read_states(paths), weights)
     model = salsa.load_model(paths[0], tok, dtype=dtype, device=device)
     missing, unexpected = model.load_state_dict(soup, strict=False)
     params = model.state_dict()
     if unexpected or {params[k].data_ptr() for k in missing} - {params[k].data_ptr() for k in soup}:  # tied: fine
-        raise ValueError(f"{paths[0]}: soup tensors do not match the model: missing {missing}, unexpected {unexpected}")
+        raise salsa.InputError(f"{paths[0]}: soup tensors do not match the model: missing {missing}, unexpected {unexpected}")
     return model
 
 
@@ -209,6 +196,9 @@ def write_shard(file: str, keys: list[str], layouts: list[dict], weights: list[f
             for rows in [slice(a, a + step) for a in range(0, shape[0], step)] if shape else [None]:
                 parts = [read_tensor(layout[key][0], key, rows) for layout in layouts]
                 chunk = average(parts, weights) if DTYPES[dtype].is_floating_point else parts[0]  # buffers: checked equal
+                if not torch.isfinite(chunk).all():  # a NaN soup must not reach the disk: name the ingredient
+                    for layout, part in zip(layouts, parts):
+                        salsa.check_finite({key: part}, layout[key][0])
                 fh.write(chunk.contiguous().reshape(-1).view(torch.uint8).numpy())
             bar.update()
 
@@ -216,7 +206,7 @@ def write_shard(file: str, keys: list[str], layouts: list[dict], weights: list[f
 def stream_soup(paths: list[str], weights: list[float], out: str, shard_size: int = 2 * 10**9):
     """Write the soup of `paths` to `out` (atomically): shards, index, config and tokenizer of paths[0]."""
     if Path(out).exists():
-        raise FileExistsError(f"{out} already exists: choose another --out or delete it")
+        raise salsa.InputError(f"{out} already exists: choose another --out or delete it")
     layouts = check_ingredients(paths)
     keys, shards = sorted(layouts[0]), [[]]
     for key in keys:
@@ -247,7 +237,7 @@ def heldout(tok, source: str, rows: int, max_len: int) -> list:
     from sft import read_chats, tokenize
     examples, _ = tokenize(tok, read_chats(source, "train")[:rows], max_len, show=False)
     if not examples:  # every answer starts beyond max_len
-        raise ValueError(f"{source}: no row with an assistant token within --max-len {max_len}")
+        raise salsa.InputError(f"{source}: no row with an assistant token within --max-len {max_len}")
     return examples
 
 
@@ -268,11 +258,11 @@ def greedy_soup(paths: list[str], score) -> list[int]:
 
 def main(args: Args):
     if not args.out or Path(args.out).exists():  # checked before the greedy search too
-        raise FileExistsError(f"--out {args.out!r}: give a directory that does not exist yet")
+        raise salsa.InputError(f"--out {args.out!r}: give a directory that does not exist yet")
     weights, paths = soup_weights(args), args.models
     if args.greedy:
         if not args.eval_data:
-            raise ValueError("--greedy scores the ingredients on --eval-data: give a held-out chat file")
+            raise salsa.InputError("--greedy scores the ingredients on --eval-data: give a held-out chat file")
         tok = salsa.load_tokenizer(paths[0])
         from sft import eval_loss  # held-out SFT loss per assistant token, as sft.py logs it
         examples = heldout(tok, args.eval_data, args.eval_rows, args.max_len)
@@ -288,4 +278,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(salsa.parse_args(Args))
+    salsa.run(main, Args)

@@ -304,8 +304,11 @@ def test_questions_in_three_formats(tmp_path):
     uf = write_jsonl(tmp_path / "u.jsonl", [{"prompt_id": "p9", "prompt": "why?", "chosen": []}])
     assert ev.load_questions(arena, "") == [{"id": "x1", "turns": ["hi"]}, {"id": "x2", "turns": ["yo"]}]
     assert ev.load_questions(uf, "")[0]["id"] == "p9"
-    with pytest.raises(ValueError, match="row 0"):
-        ev.load_questions(write_jsonl(tmp_path / "bad.jsonl", [{"text": "no prompt"}]), "")
+    with pytest.raises(salsa.InputError, match=r"bad\.jsonl line 2: question q7 has no question"):
+        ev.load_questions(write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"uid": "q7", "text": "no prompt"}]), "")
+    with pytest.raises(salsa.InputError, match=r"dup\.jsonl line 3: question x1 is also .*dup\.jsonl line 1"):
+        ev.load_questions(write_jsonl(tmp_path / "dup.jsonl", [{"uid": "x1", "prompt": "a"}, {"uid": "x2", "prompt": "b"},
+                                                               {"uid": "x1", "prompt": "c"}]), "")
 
 
 def test_alpha_line_ends_are_the_ingredients(lab, tok, monkeypatch):

@@ -3,9 +3,13 @@
 This file is also the worker: `python tests/test_fsdp.py MODEL OUT` (one process) and its torchrun
 form load a tiny model through salsa (sharded when there are two ranks), score a fixed probe, take
 one sft step on a fixed global batch split over the ranks, save the model, sample with a different
-response length on each rank, and store what they saw in OUT/rank{r}.pt.
+response length on each rank, and store what they saw in OUT/rank{r}.pt. `python tests/test_fsdp.py
+ppo FLAGS...` runs ppo.py's main with responses that depend only on their prompt (fixed_rollout), so
+one process and two ranks train on the same batch, and counts FSDP's gradient reduce-scatters.
 """
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +57,28 @@ def worker(model_path: str, out: str):
     sharded = all(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
     torch.save({"logp0": logp0, "policy_logp": policy_logp, "loss": loss, "grad_norm": grad_norm, "logits": logits,
                 "rollout_len": seq.shape[1] - prompt.shape[1], "resharded": sharded}, f"{out}/rank{dist.rank}.pt")
+
+
+def fixed_rollout(model, prompt, prompt_mask, gen_cfg, synced):
+    """ppo.rollout's contract, with a response of 3-6 tokens and EOS that depends on its prompt alone:
+    the same rows whichever rank samples them, and however the batch is split."""
+    P, rows = prompt.shape[1], []
+    for ids in (prompt[i][prompt_mask[i] > 0].tolist() for i in range(prompt.shape[0])):
+        key = sum(ids) % 997
+        rows.append([(key * (t + 7)) % 500 + 10 for t in range(3 + key % 4)] + [gen_cfg.eos_token_id])
+    resp, _ = salsa.pad(rows, gen_cfg.pad_token_id, left=False, device=prompt.device)  # (B, R)
+    resp_mask, has_eos = ppo.response_mask(resp, gen_cfg.eos_token_id)
+    return torch.cat([prompt, resp], 1), torch.cat([prompt_mask, resp_mask], 1), resp_mask, has_eos
+
+
+def ppo_worker(argv):
+    """ppo.py's main on fixed rollouts; each rank writes how many gradient reduce-scatters FSDP made."""
+    calls, reduce_scatter = [], torch.distributed.reduce_scatter_single
+    torch.distributed.reduce_scatter_single = lambda *a, **kw: calls.append(1) or reduce_scatter(*a, **kw)
+    ppo.rollout = fixed_rollout
+    args = salsa.parse_args(ppo.Args, argv)
+    ppo.main(args)
+    Path(f"{args.out}.ckpt", f"reduce_scatters{os.environ.get('RANK', 0)}").write_text(str(len(calls)))
 
 
 def launch(tiny, out, nproc):
@@ -158,5 +184,50 @@ def test_ppo_under_torchrun_and_its_resume(tiny, tok, tmp_path):
     assert all(torch.equal(weights[k], weights2[k]) for k in weights) and torch.equal(v_head["weight"], v_head2["weight"])
 
 
+def test_ppo_update_under_fsdp_equals_one_process(tiny, tok, tmp_path):
+    """One PPO step (2 epochs) on the same 4 rows: 2 ranks x 2 micro-batches against 1 process x 4.
+    Embeddings, norms, every layer and the value head land where one process puts them; the metrics
+    (score, KL, whitened advantages' losses, explained variance) agree; and FSDP reduces gradients once
+    per optimizer step, not per micro-batch: 2 steps x 4 FSDP units (2 layers, the LM's root with the
+    embeddings and norm, the policy's with the value head), where reducing every micro-batch makes 16."""
+    from safetensors.torch import load_file
+    from conftest import make_tiny
+    other = make_tiny(tmp_path / "other", tok, seed=5)
+    rm = tmp_path / "rm"
+    shutil.copytree(tiny, rm)
+    cfg = json.loads((rm / "config.json").read_text())
+    (rm / "config.json").write_text(json.dumps(cfg | {"architectures": ["LlamaForSequenceClassification"],
+                                                      "num_labels": 1, "reward_bias": 0.0}))  # head from its init
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Question {i}: is {'yes ' * i}no?"}) + "\n"
+                                                    for i in range(4)))
+    flags = ["--ref", "soup", "--soup-models", tiny, other, "--reward", rm, "--data", tmp_path / "prompts.jsonl",
+             "--batch-size", 4, "--micro-batch", 1, "--steps", 1, "--lr", 1e-3, "--sample-every", 100]
+    rows, weights = {}, {}
+    for n in (1, 2):
+        out = tmp_path / f"ppo{n}"
+        cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if n > 1 else []),
+               __file__, "ppo", *flags, "--out", out]
+        res = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=180,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode == 0, res.stderr[-3000:]
+        rows[n] = {k: v for k, v in salsa.read_jsonl(f"{out}.ckpt/metrics.jsonl")[0].items()
+                   if not k.startswith("time/") and k != "prompt_width"}  # timings; rank 0's rows are narrower
+        weights[n] = load_file(out / "model.safetensors") | {f"v_head.{k}": v for k, v in
+                                                              load_file(out / "value_head.safetensors").items()}
+    assert rows[1]["objective/kl"] > 0 and rows[1].keys() == rows[2].keys()
+    for k in rows[1]:
+        assert rows[2][k] == pytest.approx(rows[1][k], rel=1e-4, abs=1e-6), k
+    init = load_file(Path(tiny) / "model.safetensors")
+    assert weights[1].keys() == weights[2].keys() == init.keys() | {"v_head.weight", "v_head.bias"}
+    for k in weights[1]:  # lr 1e-3 moves every weight by ~1e-3 (Adam); the sharded update within fp32 noise of it
+        moved = (weights[1][k] - init[k]).abs().max() if k in init else weights[1][k].abs().max()
+        assert moved > 1e-4, k
+        torch.testing.assert_close(weights[2][k], weights[1][k], rtol=0, atol=2e-6, msg=k)
+    assert [int(Path(f"{tmp_path}/ppo2.ckpt/reduce_scatters{r}").read_text()) for r in (0, 1)] == [8, 8]
+
+
 if __name__ == "__main__":
-    worker(*sys.argv[1:])
+    if sys.argv[1] == "ppo":
+        ppo_worker(sys.argv[2:])
+    else:
+        worker(*sys.argv[1:])

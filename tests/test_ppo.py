@@ -1,5 +1,6 @@
 """ppo.py end to end and its invariants, on tiny random-init models (STYLE tiers a, c, d)."""
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -83,27 +84,50 @@ def test_micro_batches_group_by_length_and_cut_shared_padding():
     assert [(g.tolist(), c) for g, c in groups] == [([1, 3], 0), ([0, 2], 2)]
 
 
-def test_sampling_matches_scoring_distribution(setup, tok):
-    """generate's processed scores are exactly temperature-scaled logits: no hidden top-k/top-p,
-    so E[k1] is a true KL and log-probs we score are those we sampled from."""
-    lm = salsa.load_model(setup["a"], tok)
-    lm.generation_config.top_k, lm.generation_config.top_p = 5, 0.5  # a model config that would bias sampling
+WARPERS = {"do_sample": True, "temperature": 3.0, "top_k": 2, "top_p": 0.3, "min_p": 0.5, "typical_p": 0.5,
+           "repetition_penalty": 5.0, "no_repeat_ngram_size": 1, "suppress_tokens": [5, 6, 7]}
+
+
+def test_sampling_is_the_plain_temperature_distribution_ppo_scores(setup, tok, tmp_path, monkeypatch):
+    """A model whose generation_config.json carries warpers (a hub model's top_p, min_p, repetition
+    penalty...) still samples exactly softmax(logits / T), the distribution PPO scores: the probabilities
+    torch.multinomial actually received are compared with the teacher-forced log-probs and entropies."""
+    from transformers import GenerationConfig
+    shutil.copytree(setup["a"], tmp_path / "warped")
+    GenerationConfig(**WARPERS).save_pretrained(tmp_path / "warped")
+    policy = ppo.PolicyWithValue(salsa.load_model(str(tmp_path / "warped"), tok))
+    seen, multinomial = [], torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda probs, *a, **kw: seen.append(probs) or multinomial(probs, *a, **kw))
     prompt, pmask = salsa.pad([salsa.prompt_ids(tok, p) for p in PROMPTS[:3]], tok.pad_token_id)
-    cfg = salsa.generation_config(tok, 0.7, 5)
-    lm.generation_config = cfg
-    out = lm.generate(input_ids=prompt, attention_mask=pmask, generation_config=cfg, output_scores=True,
-                      return_dict_in_generate=True)
+    cfg = salsa.generation_config(tok, 0.7, 6)
+    cfg.eos_token_id = -1  # no early stop: every position is sampled from a live row
+    seq, mask, rmask, _ = ppo.rollout(policy, prompt, pmask, cfg, False)
     P = prompt.shape[1]
-    seq = out.sequences
-    mask = torch.cat([pmask, torch.ones_like(seq[:, P:])], 1)
+    probs = torch.stack(seen, 1)  # (B, R, V): what the sampler drew from
+    assert probs.shape[1] == seq.shape[1] - P == 6
     with torch.no_grad():
-        h = salsa.hidden_states(lm, seq, mask)[:, P - 1:-1]
-        logp, _ = salsa.token_logprobs(lm, h, seq[:, P:], 0.7)
-    sampled = torch.stack([torch.log_softmax(s, -1).gather(-1, seq[:, P + t, None]).squeeze(-1)
-                           for t, s in enumerate(out.scores)], 1)
-    alive = (seq[:, P:] != tok.pad_token_id)
-    assert torch.allclose(logp[alive], sampled[alive], atol=1e-4)
-    assert torch.isfinite(torch.stack(out.scores)).all()  # no -inf from a top-k/top-p filter
+        logp, entropy, _ = policy(seq, mask, P, 0.7)  # (B, R): the scoring forward PPO uses
+    drawn = probs.gather(-1, seq[:, P:, None]).squeeze(-1)
+    torch.testing.assert_close(drawn.log(), logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(-(probs * probs.clamp_min(1e-30).log()).sum(-1), entropy, atol=1e-4, rtol=0)
+    assert (probs > 0).all()  # no token filtered out by a top-k, top-p, min-p or suppress list
+
+
+def test_saved_policy_answers_greedily_whatever_the_seed(setup, tok):
+    """A PPO policy saved after its rollouts (temperature 0.7) answers eval.py at --temperature 0 the
+    same way under every seed: greedy is greedy, no sampling setting travels with the checkpoint."""
+    import eval as ev
+    d = setup["dir"]
+    run("ppo.py", *ppo_args(setup, d / "greedy", "--ref", "sft", "--model", setup["a"], "--steps", 1))
+    questions = write_jsonl(d / "questions.jsonl", [{"prompt_id": f"q{i}", "prompt": p} for i, p in enumerate(PROMPTS[:3])])
+
+    def answers(seed, temperature):
+        out = d / f"greedy-seed{seed}-t{temperature}.jsonl"
+        ev.answer(ev.Args(model=str(d / "greedy"), questions=questions, out=str(out), max_new_tokens=8, seed=seed,
+                          temperature=temperature))
+        return [r["choices"][0]["turns"] for r in salsa.read_jsonl(out)]
+    assert answers(1, 0.0) == answers(2, 0.0) == answers(3, 0.0)
+    assert answers(1, 1.0) != answers(2, 1.0)  # sampled, the seeds do differ: the test can tell
 
 
 def test_kl_is_zero_for_sft_and_positive_for_soup_and_mkl_is_the_mean(setup):
@@ -124,15 +148,48 @@ def test_kl_is_zero_for_sft_and_positive_for_soup_and_mkl_is_the_mean(setup):
         assert (d / n / "value_head.safetensors").exists()
 
 
-def test_bad_arguments_stop_before_any_output(setup):
-    d = setup["dir"]
-    p = run("ppo.py", *ppo_args(setup, d / "bad1", "--ref", "soup", "--soup-models", setup["a"]), check=False)
-    assert p.returncode and "--soup-models" in p.stderr and not (d / "bad1.ckpt").exists()
-    p = run("ppo.py", *ppo_args(setup, d / "bad2", "--ref", "sft", "--model", d / "nope"), check=False)
-    assert p.returncode and "nope" in p.stderr and not (d / "bad2.ckpt").exists()
-    p = run("ppo.py", *ppo_args(setup, d / "bad3", "--ref", "sft", "--model", setup["a"], "--batch-size", 3),
-            check=False)
-    assert p.returncode and "--batch-size" in p.stderr
+def test_bad_arguments_stop_before_any_output(setup, tmp_path):
+    """Each bad flag or model is one InputError naming it, and leaves nothing behind (no OUT, no OUT.ckpt)."""
+    a, b = setup["a"], setup["b"]
+    other = tmp_path / "other-vocab"  # a reference whose token ids mean other words than the policy's
+    shutil.copytree(b, other)
+    t = json.loads((other / "tokenizer.json").read_text())
+    t["model"]["vocab"]["hello-there"] = t["model"]["vocab"].pop("hello")
+    (other / "tokenizer.json").write_text(json.dumps(t))
+    cases = [(["--ref", "soup", "--soup-models", a], "--ref soup needs --soup-models A B"),
+             (["--ref", "sft", "--model", tmp_path / "nope"], "nope: no such model directory"),
+             (["--ref", "soup", "--soup-models", a, b, "--alpha", 1.5], r"--alpha 1\.5: a soup weight lies in \[0, 1\]"),
+             (["--ref", "soup", "--model", a, "--soup", other], "other-vocab: its vocabulary .* differs"),
+             (["--ref", "sft", "--model", a, "--batch-size", 1], "--batch-size must be 2 or more"),
+             (["--ref", "sft", "--model", a, "--batch-size", 3], "--batch-size 3 must split evenly")]  # after loading
+    for flags, message in cases:
+        with pytest.raises(salsa.InputError, match=message):
+            ppo.main(salsa.parse_args(ppo.Args, list(map(str, ppo_args(setup, tmp_path / "out", *flags)))))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["other-vocab"], flags
+    p = run("ppo.py", *ppo_args(setup, tmp_path / "out", "--ref", "soup", "--soup-models", a), check=False)
+    assert p.returncode == 2 and p.stderr.splitlines()[-1].startswith("error: --ref soup needs --soup-models")
+
+
+def test_long_prompts_are_dropped_and_named(setup, tok, tmp_path, capsys):
+    rows = [{"prompt": p} for p in PROMPTS] + [{"prompt": "word " * 300}, {"messages": [{"role": "user", "content": "Hi"}]}]
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    args = salsa.parse_args(ppo.Args, ["--data", data, "--max-prompt-len", "64"])
+    assert len(ppo.load_prompts(args, tok)) == 9
+    assert f"dropped 1 prompts longer than --max-prompt-len 64: {data} line 9" in capsys.readouterr().out
+
+
+def test_frozen_models_in_bf16(setup, tok):
+    """--frozen-dtype bfloat16 holds the reference(s) and the reward model in bf16 (half their memory);
+    their heads still run in fp32 (salsa.token_logprobs, salsa.reward_scores)."""
+    args = salsa.parse_args(ppo.Args, ["--ref", "mkl", "--soup-models", setup["a"], setup["b"], "--reward",
+                                       setup["rm"], "--frozen-dtype", "bfloat16"])
+    ppo.check_args(args)
+    refs = ppo.load_references(args, tok, salsa.Dist())
+    assert [r.dtype for r, _ in refs] == [torch.bfloat16] * 2 and not any(p.requires_grad for r, _ in refs
+                                                                           for p in r.parameters())
+    ids, mask = salsa.pad([salsa.prompt_ids(tok, "Hi") + [5, 6, tok.eos_token_id]], tok.pad_token_id)
+    logp, _, _ = ppo.response_logprobs(refs[0][0], ids, mask, ids.shape[1] - 3, 0.7)
+    assert logp.dtype == torch.float32
 
 
 def test_resume_after_kill_gives_identical_metrics(setup):

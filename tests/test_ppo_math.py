@@ -36,6 +36,18 @@ def test_gae_by_hand():
     assert torch.allclose(ret, torch.tensor([[0.75, 1.0]]))
 
 
+def test_whiten_refuses_fewer_than_two_tokens():
+    """A variance needs two tokens: one gave 0 advantages silently, none gave NaN."""
+    for mask in (torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2)):
+        with pytest.raises(ValueError, match="2 or more tokens"):
+            ppo.whiten(torch.tensor([[0.5, 3.0]]), mask)
+
+
+def test_unknown_kl_estimator_is_an_error():
+    with pytest.raises(ValueError, match="'k2': expected k1 or k3"):  # it meant k3
+        ppo.kl_per_token(torch.zeros(2), torch.ones(2), "k2")
+
+
 def test_whiten_uses_only_real_tokens():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
@@ -78,7 +90,10 @@ def test_clipped_losses_by_hand():
     assert math.isclose(pg.item(), -1.2 + math.e + 0.8, rel_tol=1e-6)
     # value: v = 1, clipped to 0.2; returns 2: 0.5·max(1, 1.8²) = 1.62
     assert math.isclose(vf.item(), 0.5 * 1.8 ** 2, rel_tol=1e-6)
-    assert stats["ppo/clipfrac"] == 3.0  # all three ratios are outside [0.8, 1.2]
+    # One rule for both clip fractions: a token counts where the max took the clipped term (its gradient is 0).
+    # All three ratios leave [0.8, 1.2], but the second token's loss is the unclipped e: two tokens, not three.
+    assert stats["ppo/clipfrac"] == 2.0
+    assert stats["ppo/vf_clipfrac"] == 1.0  # token 1: (0.2 - 2)² > (1 - 2)²; tokens 2, 3: both terms are 0
     assert math.isclose(stats["ppo/ratio_mean"], 2 * math.e + math.exp(-1), rel_tol=1e-6)
 
 

@@ -115,6 +115,50 @@ def test_recipe_end_to_end(tmp_path, tok):
     assert json.loads((r / "times.json").read_text())["sft-seed1"] == times["sft-seed1"]
 
 
+def test_full_scale_recipe_shape_under_torchrun(tmp_path, tok):
+    """salsa.py's full-scale command (its docstring) on tiny models: torchrun on 2 ranks with every stage's
+    default batch and micro-batch, the datasets given as files, one epoch per stage (--*-steps 0), and the
+    API judge (a stub OpenAI-compatible server on loopback) on MT-Bench's two turns."""
+    from test_eval import MT_BENCH, Stub, prefer_good, write_jsonl
+    model = make_tiny(tmp_path / "tiny", tok)
+    d = tmp_path / "data"
+    d.mkdir()
+    rng = random.Random(0)
+    rows = [salsa.task_prompt(rng) for _ in range(33)]
+    chat = lambda p, a: [{"role": "user", "content": p}, {"role": "assistant", "content": a}]
+    write_jsonl(d / "sft.jsonl", [{"messages": chat(p, salsa.task_answer(rng, t, c, set(c)))} for p, t, c in rows[:17]])
+    write_jsonl(d / "prefs.jsonl", [{"prompt": p, "chosen": chat(p, salsa.task_answer(rng, t, c, set(c))),
+                                     "rejected": chat(p, salsa.task_answer(rng, t, c, set()))} for p, t, c in rows])
+    write_jsonl(d / "prompts.jsonl", [{"prompt": p} for p, _, _ in rows[17:]])
+    write_jsonl(d / "question.jsonl", MT_BENCH[:2])
+    stub = Stub(prefer_good)
+    cmd = [sys.executable, str(ROOT / "salsa.py"), "--model", model, "--out", str(tmp_path / "r"),
+           "--launcher", f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2",
+           "--sft-data", d / "sft.jsonl", "--prefs-data", d / "prefs.jsonl", "--prompts", d / "prompts.jsonl",
+           "--questions", d / "question.jsonl", "--judge", "api", "--judge-url", stub.url, "--judge-model", "stub",
+           "--max-len", 2048, "--sft-steps", 0, "--sft-lr", 2.5e-5, "--rm-steps", 0, "--rm-lr", 2e-5,
+           "--norm-samples", 4, "--ppo-steps", 0, "--ppo-lr", 2e-6, "--max-new-tokens", 6,
+           "--alphas", 0, 1, "--alpha-limit", 2]
+    try:
+        res = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=400,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        stub.server.shutdown()
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    r = tmp_path / "r"
+    # one epoch each: 16 of 17 SFT rows (one held out), 32 of 33 pairs, 16 prompts, at batch 8
+    for stage, steps in (("sft-seed1", 2), ("rm", 4), ("ppo", 2), ("salsa", 2)):
+        assert (r / stage / "config.json").exists(), stage
+        assert json.loads((r / stage / "metrics.json").read_text())["step"] == steps, stage
+    launched = [line for line in res.stdout.splitlines() if "] $ " in line and "torch.distributed.run" in line]
+    assert [line.split("]")[0] for line in launched] == ["[sft-seed1", "[sft-seed2", "[reward", "[ppo", "[salsa"]
+    import csv
+    wins = list(csv.DictReader(open(r / "results" / "wins.csv")))
+    assert len(wins) == 6 and {w["judge"] for w in wins} == {"stub"} and stub.requests  # 3 pairs, both views
+    assert all(int(w["win"]) + int(w["loss"]) + int(w["tie"]) == 4 for w in wins)  # 2 questions x 2 turns each
+    assert (r / "results.md").exists()
+
+
 def test_recipe_refuses_unknown_ablation_before_any_work(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "salsa.py"), "--out", str(tmp_path / "r"), "--ablations", "mkl",
                           "dpo"], cwd=ROOT, capture_output=True, text=True, timeout=180)

@@ -3,8 +3,10 @@ left and right padding, the script end to end (1 process and torchrun x2), and b
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,16 +34,19 @@ def write_pairs(path, n, seed, long_every=0):
     return str(path)
 
 
-def run_reward(tiny, tmp, out, *extra, nproc=1):
+def reward_cmd(tiny, tmp, out, *extra, nproc=1):
     train, held = write_pairs(tmp / "train.jsonl", 70, 0, long_every=10), write_pairs(tmp / "eval.jsonl", 32, 1)
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                    f"--nproc_per_node={nproc}", "--standalone"]
-    cmd = launch + ["reward.py", "--model", tiny, "--data", train, "--eval-data", held, "--lr", "1e-3",
-                    "--batch-size", "8", "--micro-batch", "4", "--max-steps", "16",
-                    "--eval-every", "8", "--max-len", "64", "--norm-samples", "12", "--norm-max-new-tokens", "12",
-                    "--out", str(out), *extra]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return launch + ["reward.py", "--model", tiny, "--data", train, "--eval-data", held, "--lr", "1e-3",
+                     "--batch-size", "8", "--micro-batch", "4", "--max-steps", "16",
+                     "--eval-every", "8", "--max-len", "64", "--norm-samples", "12", "--norm-max-new-tokens", "12",
+                     "--out", str(out), *extra]
+
+
+def run_reward(tiny, tmp, out, *extra, nproc=1):
+    res = subprocess.run(reward_cmd(tiny, tmp, out, *extra, nproc=nproc), cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     return res, json.loads((out / "metrics.json").read_text())
 
@@ -84,7 +89,10 @@ def test_reward_scores_ignore_padding_on_both_sides(tiny, tok):
 
 def test_reward_end_to_end(trained, tok):
     tmp, res, metrics = trained
-    assert "63 pairs, 7 dropped" in res.stdout  # 70 rows, every 10th too long for --max-len 64
+    # 70 rows, every 10th too long for --max-len 64: the count and the first lines of the file
+    assert f"train.jsonl: 63 pairs\n" in res.stdout
+    assert (f"train.jsonl: dropped 7 pairs with a side longer than --max-len 64: {tmp}/train.jsonl line 1; "
+            f"{tmp}/train.jsonl line 11; {tmp}/train.jsonl line 21; and 4 more") in res.stdout
     assert metrics["eval/accuracy"] >= 0.9 and metrics["eval/loss"] < 0.2  # log 2 = 0.69 at chance
     logged = salsa.read_jsonl(str(tmp / "rm.ckpt" / "metrics.jsonl"))
     assert [r["step"] for r in logged[:-1]] == list(range(1, 17)) and "eval/accuracy" in logged[7]
@@ -115,6 +123,29 @@ def test_reward_two_ranks_match_one(trained, tiny):
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
 
 
+def test_resume_after_kill_gives_the_uninterrupted_run(trained, tiny):
+    """Killed (-9) after a checkpoint and a step past it, then --resume: the same final metrics
+    (held-out accuracy, loss, normalisation bias) and weights as the run never stopped, and each step
+    logged once."""
+    from safetensors.torch import load_file
+    tmp, _, want = trained
+    out = tmp / "resumed"
+    cmd = reward_cmd(tiny, tmp, out, "--save-every", "4")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = Path(f"{out}.ckpt/metrics.jsonl")
+    while proc.poll() is None and not (salsa.latest_checkpoint(f"{out}.ckpt") and log.read_text().count("\n") > 4):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not out.exists(), "the run ended before it could be killed"
+    subprocess.run(cmd + ["--resume"], cwd=ROOT, check=True, capture_output=True)
+    assert json.loads((out / "metrics.json").read_text()) == want
+    w, ref = load_file(out / "model.safetensors"), load_file(tmp / "rm" / "model.safetensors")
+    assert w.keys() == ref.keys() and all(torch.equal(w[k], ref[k]) for k in ref)
+    steps = [r["step"] for r in salsa.read_jsonl(log)]
+    assert steps == list(range(1, 17)) + [16]  # the last row is the final evaluation
+
+
 def test_norm_fallback_centres_held_out_pairs(tiny, tok, tmp_path):
     _, metrics = run_reward(tiny, tmp_path, tmp_path / "rm", "--norm-samples", "0", "--max-steps", "2")
     assert metrics["norm/source"] == "held-out chosen+rejected"
@@ -124,6 +155,18 @@ def test_norm_fallback_centres_held_out_pairs(tiny, tok, tmp_path):
     with torch.no_grad():
         r_w, r_l = reward.pair_rewards(rm, held, "cpu")
     assert abs(torch.cat([r_w, r_l]).mean().item()) < 1e-4
+
+
+def test_pairs_without_a_preference_are_dropped_and_named(tok, tmp_path, capsys):
+    data = write_pairs(tmp_path / "pairs.jsonl", 6, 0)
+    lines = open(data).read().splitlines()
+    same = json.loads(lines[2])
+    same["rejected"] = same["chosen"]  # chosen == rejected: the loss is log 2 whatever the model, nothing to learn
+    lines[2] = json.dumps(same)
+    Path(data).write_text("\n".join(lines) + "\n")
+    pairs = reward.load_pairs(tok, data, "train", 64, salsa.Dist())
+    assert len(pairs) == 5
+    assert f"pairs.jsonl: dropped 1 pairs with `chosen` equal to `rejected`: {data} line 3" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("row, message", [
@@ -144,6 +187,6 @@ def test_bad_row_stops_before_any_output(tiny, tmp_path, row, message):
     Path(data).write_text("\n".join(lines) + "\n")
     out = tmp_path / "rm"
     args = salsa.parse_args(reward.Args, ["--model", tiny, "--data", data, "--out", str(out)])
-    with pytest.raises(ValueError, match=f"bad.jsonl row 3.*{message}"):
+    with pytest.raises(salsa.InputError, match=f"bad.jsonl line 4.*{message}"):  # the file's fourth line
         reward.main(args)
     assert not out.exists() and not Path(f"{out}.ckpt").exists()

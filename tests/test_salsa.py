@@ -96,6 +96,22 @@ def test_token_logprobs_chunked_equals_one_chunk(sharp, tok, batch):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_token_logprobs_of_a_bf16_model_come_from_an_fp32_matmul(tiny, tok):
+    """Under FSDP's bf16 compute the final states and the head are bf16; a bf16 matmul would round the
+    logits (~0.015 nats per token: PPO's KL budget over an answer). Reference: float64 on the same values."""
+    model = salsa.load_model(tiny, tok, dtype="bfloat16")
+    g = torch.Generator().manual_seed(0)
+    h = (50 * torch.randn(64, model.config.hidden_size, generator=g)).bfloat16()  # (N, d): logits of several nats
+    targets = torch.randint(len(tok), (64,), generator=g)
+    with torch.no_grad():
+        logp, ent = salsa.token_logprobs(model, h, targets, TEMP)
+        w = model.get_output_embeddings().weight.double()
+        want = torch.log_softmax(h.double() @ w.T / TEMP, -1)  # (N, V)
+    assert logp.dtype == torch.float32 and want.exp().max() > 0.05  # far from uniform: the check has teeth
+    torch.testing.assert_close(logp.double(), want.gather(-1, targets[:, None]).squeeze(-1), atol=2e-5, rtol=0)
+    torch.testing.assert_close(ent.double(), -(want.exp() * want).sum(-1), atol=2e-5, rtol=0)
+
+
 def test_position_ids_skip_left_padding():
     mask = torch.tensor([[0, 0, 1, 1, 1],
                          [1, 1, 1, 1, 1],
@@ -119,14 +135,18 @@ def test_pad_left_and_right():
 
 # ---------------------------------------------------------------- optimisation
 def test_lr_lambda_by_hand():
-    # total 10, warmup 2: steps 0, 1 ramp to 1/2, 2/2; decay over the 8 steps after warmup.
+    # total 10, warmup 2: steps 0, 1 ramp to 1/3, 2/3 below the peak; the peak at step 2, then decay
+    # over the 8 steps after warmup.
     linear = [salsa.lr_lambda(s, 10, 2) for s in range(11)]
-    assert linear == pytest.approx([0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0])
+    assert linear == pytest.approx([1 / 3, 2 / 3, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0])
     cosine = [salsa.lr_lambda(s, 10, 2, "cosine") for s in (0, 1, 2, 4, 6, 8, 10, 12)]
     c = math.sqrt(2) / 4  # 0.5 * cos(pi / 4)
-    assert cosine == pytest.approx([0.5, 1.0, 1.0, 0.5 + c, 0.5, 0.5 - c, 0.0, 0.0])
+    assert cosine == pytest.approx([1 / 3, 2 / 3, 1.0, 0.5 + c, 0.5, 0.5 - c, 0.0, 0.0])
     assert salsa.lr_lambda(12, 10, 2) == 0.0  # never negative past the end
     assert salsa.lr_lambda(0, 4, 0) == 1.0  # no warmup: start at the peak
+    # App. A.1's warmup ratio 0.03 over the recipe's 30 SFT steps is one step (sft.py: ceil(0.9)): a warm one
+    warmup = math.ceil(0.03 * 30)
+    assert warmup == 1 and [salsa.lr_lambda(s, 30, warmup) for s in (0, 1)] == [0.5, 1.0]
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -195,18 +215,19 @@ def test_keep_counts_complete_checkpoints_only(tmp_path, model, tok):
 def test_prepare_out(tmp_path, model, tok):
     out = tmp_path / "sft"
     ckpt = salsa.prepare_out(str(out), resume=False)
-    assert ckpt == f"{out}.ckpt" and Path(ckpt).is_dir() and not out.exists()
+    assert ckpt == f"{out}.ckpt" and not Path(ckpt).exists() and not out.exists()  # made by the first write
+    Path(ckpt).mkdir()
     assert salsa.prepare_out(str(out), resume=False) == ckpt  # an empty checkpoint dir is no earlier run
 
     salsa.save_checkpoint(ckpt, 3, model, tok, {"step": 3})
-    with pytest.raises(FileExistsError, match=r"sft\.ckpt.*--resume"):
+    with pytest.raises(salsa.InputError, match=r"sft\.ckpt.*--resume"):
         salsa.prepare_out(str(out), resume=False)
     assert salsa.prepare_out(str(out), resume=True) == ckpt
     assert steps(ckpt) == ["step-00000003"]  # resuming touches nothing
 
     done = tmp_path / "done"
     done.mkdir()
-    with pytest.raises(FileExistsError, match="done already exists"):
+    with pytest.raises(salsa.InputError, match="done already exists"):
         salsa.prepare_out(str(done), resume=True)
     assert not Path(f"{done}.ckpt").exists()  # refused before writing anything
 
@@ -222,23 +243,80 @@ def test_save_model_loads_and_writes_json(tmp_path, model, tok):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary dir left
 
 
+# ---------------------------------------------------------------- broken model directories
+def copy_model(src, dst) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    return Path(dst)
+
+
+def test_broken_model_directories_are_refused_naming_the_file(tiny, tok, tmp_path):
+    """Each is one InputError naming the file and what to do, before transformers sees it."""
+    from safetensors.torch import load_file, save_file
+    no_config = copy_model(tiny, tmp_path / "no_config")
+    (no_config / "config.json").unlink()
+    cut = copy_model(tiny, tmp_path / "cut")
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    pickle = copy_model(tiny, tmp_path / "pickle")
+    torch.save(load_file(pickle / "model.safetensors"), pickle / "pytorch_model.bin")
+    (pickle / "model.safetensors").unlink()
+    nan = copy_model(tiny, tmp_path / "nan")
+    weights = load_file(nan / "model.safetensors")
+    weights["model.norm.weight"][3] = float("nan")
+    save_file(weights, nan / "model.safetensors", metadata={"format": "pt"})
+    for path, message in [(no_config, "no_config: no config.json"), (cut, r"cut/model\.safetensors: truncated"),
+                          (pickle, r"pickle: weights only as a pickle \(pytorch_model\.bin\).*--allow-pickle"),
+                          (nan, "nan: tensor model.norm.weight holds NaN or inf"),
+                          (tmp_path / "missing", "missing: no such model directory")]:
+        with pytest.raises(salsa.InputError, match=message):
+            salsa.load_model(str(path), tok)
+    assert isinstance(salsa.load_model(str(pickle), tok, allow_pickle=True), torch.nn.Module)  # opted in
+
+
+def test_a_stage_ends_an_input_error_with_one_line(tiny, tmp_path):
+    """No traceback for input errors the project detects (a traceback is for bugs), and no OUT.ckpt left."""
+    import subprocess
+    import sys
+    cut = copy_model(tiny, tmp_path / "cut")
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[:100])
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+                     + "\n")
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "sft.py", "--model", str(cut), "--data", str(chats), "--out",
+                          str(tmp_path / "out"), "--batch-size", "1"], cwd=root, capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith(f"error: {cut}/model.safetensors: truncated")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.ckpt").exists()
+
+
 # ---------------------------------------------------------------- chat data
 def test_read_rows_local(tmp_path):
+    """Rows with where they are, one rule for every stage: a jsonl file's line number (blank lines
+    count), else the row counted from 1; a UTF-8 byte-order mark is skipped, not a JSON error."""
     rows = [{"prompt": "a"}, {"prompt": "b"}]
-    (tmp_path / "ok.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text("\n\n".join(json.dumps(r) for r in rows) + "\n\n")  # a blank line between the rows
     (tmp_path / "ok.json").write_text(json.dumps(rows))
-    assert salsa.read_rows(str(tmp_path / "ok.jsonl")) == rows == salsa.read_rows(str(tmp_path / "ok.json"))
+    assert salsa.read_rows(str(ok)) == [(f"{ok} line 1", rows[0]), (f"{ok} line 3", rows[1])]
+    assert salsa.read_rows(str(tmp_path / "ok.json")) == [(f"{tmp_path / 'ok.json'} row {i}", r)
+                                                          for i, r in enumerate(rows, 1)]
+    for name in ("bom.jsonl", "bom.json"):  # as Notepad writes them
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + (ok if name.endswith("l") else tmp_path / "ok.json").read_bytes())
+        assert [r for _, r in salsa.read_rows(str(tmp_path / name))] == rows
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n\n{"prompt": oops}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl line 3"):
+    with pytest.raises(salsa.InputError, match=r"bad\.jsonl line 3"):
         salsa.read_rows(str(bad))
     (tmp_path / "rows.csv").write_text("prompt\na\n")
-    with pytest.raises(ValueError, match=r"rows\.csv: expected \.json, \.jsonl or \.parquet"):
+    with pytest.raises(salsa.InputError, match=r"rows\.csv: expected \.json, \.jsonl or \.parquet"):
         salsa.read_rows(str(tmp_path / "rows.csv"))
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    with pytest.raises(salsa.InputError, match="missing.jsonl"):
         salsa.read_rows(str(tmp_path / "missing.jsonl"))
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    with pytest.raises(salsa.InputError, match="missing.jsonl"):
         salsa.read_rows("missing.jsonl")
 
 
@@ -250,7 +328,7 @@ def test_read_rows_missing_relative_path(tmp_path, monkeypatch):
     import datasets
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(datasets, "load_dataset", no_hub)
-    with pytest.raises(FileNotFoundError, match="data/missing.jsonl"):
+    with pytest.raises(salsa.InputError, match="data/missing.jsonl"):
         salsa.read_rows("data/missing.jsonl")
 
 
@@ -376,17 +454,54 @@ def test_disable_dropout_attention():
     torch.testing.assert_close(model(x).logits, model(x).logits, atol=0, rtol=0)
 
 
+def base_tokenizer(tok, path: Path, bos: bool = False):
+    """SmolLM2's tokenizer as a base model's: no chat template, and with `bos` a BOS (<|im_start|>) that
+    it adds in front of every text, as Llama-2's, Mistral's and Gemma's tokenizers do."""
+    tok.save_pretrained(path)
+    for f in path.glob("*"):
+        if "chat_template" in f.name:
+            f.unlink()
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    if bos:
+        t = json.loads((path / "tokenizer.json").read_text())
+        t["post_processor"] = {"type": "TemplateProcessing", "pair": [],
+                               "single": [{"SpecialToken": {"id": tok.bos_token, "type_id": 0}},
+                                          {"Sequence": {"id": "A", "type_id": 0}}],
+                               "special_tokens": {tok.bos_token: {"id": tok.bos_token, "ids": [tok.bos_token_id],
+                                                                  "tokens": [tok.bos_token]}}}
+        (path / "tokenizer.json").write_text(json.dumps(t))
+    return salsa.load_tokenizer(str(path))
+
+
+def test_one_bos_where_the_tokenizer_adds_one(tmp_path, tok):
+    """Base Llama-2/Mistral/Gemma tokenizers add BOS, and their models never saw text without it: every
+    prompt, conversation and preference side starts with exactly one, also when the chat template writes
+    its own (Llama-2-chat's does); SmolLM2's adds none, and gets none."""
+    import reward
+    base = base_tokenizer(tok, tmp_path, bos=True)
+    bos = base.bos_token_id
+    assert base("Hi")["input_ids"][0] == bos  # the premise: this tokenizer adds a BOS
+    chat = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi there!"}]
+    row = {"chosen": chat, "rejected": chat[:1] + [{"role": "assistant", "content": "No."}]}
+    for template in (None, "{{ bos_token }}" + salsa.BASE_CHAT_TEMPLATE):
+        base.chat_template = template or salsa.BASE_CHAT_TEMPLATE
+        ids, labels = salsa.tokenize_chat(base, chat, 512)
+        seqs = [ids, salsa.prompt_ids(base, "Hey"), salsa.prompt_ids(base, chat + [{"role": "user", "content": "?"}]),
+                *reward.tokenize_pair(base, row, "row")]
+        for s in seqs:
+            assert s[0] == bos and s[1] != bos and s.count(bos) == 1, base.decode(s[:3])
+        assert labels[0] == -100 and base.decode([t for t in labels if t != -100]) == f"Hi there!{base.eos_token}"
+    assert tok("Hi")["input_ids"][0] != tok.bos_token_id  # SmolLM2 adds no BOS (its <|im_start|> is a role marker)
+    text = tok.apply_chat_template(chat, tokenize=False)
+    assert salsa.tokenize_chat(tok, chat, 512)[0] == tok(text, add_special_tokens=False)["input_ids"]  # nothing added
+
+
 def test_base_model_gets_the_papers_chat_format(tmp_path, tok):
     """A tokenizer without a chat template (base Llama-2/Mistral/Gemma) gets <|user|>/<|assistant|>
     turns, assistant turns closed by EOS, and label masking still finds exactly the assistant spans."""
-    tok.save_pretrained(tmp_path)
-    for f in tmp_path.glob("*"):
-        if "chat_template" in f.name:
-            f.unlink()
-    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    cfg.pop("chat_template", None)
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
-    base = salsa.load_tokenizer(str(tmp_path))
+    base = base_tokenizer(tok, tmp_path)
     msgs = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi there!"},
             {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Hello."}]
     ids, labels = salsa.tokenize_chat(base, msgs, 512)

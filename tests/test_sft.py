@@ -109,6 +109,18 @@ def test_end_to_end(base_run, tok):
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
 
 
+def test_dropped_and_kept_rows_are_named(tiny, tmp_path, capsys):
+    """Rows dropped for length, and conversations ending with a user turn (kept: their earlier answers
+    are learnt), are counted and named by their line in the file."""
+    data = Path(write_chats(tmp_path / "chats.jsonl"))  # line 42 is too long for --max-len 64
+    with open(data, "a") as fh:
+        fh.write(json.dumps({"messages": TWO_TURNS + [{"role": "user", "content": "And?"}]}) + "\n")
+    run_inline(tiny, str(data), tmp_path / "out")
+    out = capsys.readouterr().out
+    assert f"kept 1 conversations that end with a user turn (nothing after their last answer is learnt): {data} line 43" in out
+    assert f"dropped 1 conversations whose first assistant token lies beyond --max-len 64: {data} line 42" in out
+
+
 def test_seeds_change_only_the_order(tiny, tmp_path):
     data = write_chats(tmp_path / "chats.jsonl")
     a, b, c = (weights(run_inline(tiny, data, tmp_path / name, "--seed", seed))
@@ -172,11 +184,13 @@ def test_malformed_row_stops_before_any_output(tiny, tmp_path):
     data.write_text("\n".join(lines[:2] + ["{}"] + lines[2:]) + "\n")
     res = subprocess.run([sys.executable, "sft.py", *flags(tiny, str(data), tmp_path / "out")],
                          cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode != 0 and f"{data} row 3: `messages` must be" in res.stderr.splitlines()[-1]
+    # an input error is one line that names the file's line, and no traceback (those are for bugs)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.splitlines()[-1].startswith(f"error: {data} line 3: `messages` must be")
     assert list(tmp_path.iterdir()) == [data]
 
     data.write_text("\n".join(lines[:4] + ['{"messages": [{"role": "robot", "content": "hi"}]}'] + lines[4:]) + "\n")
-    with pytest.raises(ValueError, match=f"{re.escape(str(data))} row 5: message 0 must be"):
+    with pytest.raises(salsa.InputError, match=f"{re.escape(str(data))} line 5: message 0 must be"):
         sft.main(salsa.parse_args(sft.Args, flags(tiny, str(data), tmp_path / "out")))
     assert list(tmp_path.iterdir()) == [data]
 

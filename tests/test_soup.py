@@ -177,11 +177,28 @@ def test_weights_are_checked(models):
             soup.soup_weights(soup.Args(out="x", **bad))
 
 
+def test_non_finite_ingredient_is_refused_and_nothing_written(tmp_path, models, tok):
+    """A NaN or inf weight (a diverged run) would give a NaN soup: refused, naming the file and tensor,
+    by the streamed soup (nothing left on disk) and by the in-memory one ppo.py and eval.py use."""
+    for bad in (float("nan"), float("inf")):
+        broken = tmp_path / f"broken-{bad}"
+        shutil.copytree(models["f1"], broken)
+        w = load_file(broken / "model.safetensors")
+        w["model.layers.1.mlp.up_proj.weight"][5, 7] = bad
+        save_file(w, broken / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(salsa.InputError, match=rf"broken-{bad}/model\.safetensors: tensor "
+                                                   r"model\.layers\.1\.mlp\.up_proj\.weight holds NaN or inf"):
+            stream(tmp_path, [models["f0"], str(broken)], [0.5, 0.5])
+        assert not (tmp_path / "soup").exists() and not list(tmp_path.glob(".soup*"))
+        with pytest.raises(salsa.InputError, match=f"broken-{bad}: tensor model.layers.1.mlp.up_proj.weight"):
+            soup.load_soup([models["f0"], str(broken)], [0.5, 0.5], tok)
+
+
 def test_existing_output_is_refused(tmp_path, models):
     (tmp_path / "soup").mkdir()
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(salsa.InputError, match="already exists"):
         stream(tmp_path, [models["f0"], models["f1"]], [0.5, 0.5])
-    with pytest.raises(FileExistsError, match="does not exist yet"):
+    with pytest.raises(salsa.InputError, match="does not exist yet"):
         soup.main(soup.Args(models=[models["f0"], models["f1"]], out=str(tmp_path / "soup")))
 
 
