@@ -291,12 +291,15 @@ def py_judge(spec: str):
 def summary(outcomes: list[str], n_boot: int, seed: int) -> dict:
     """Table 2-5 numbers in percent, plus a bootstrap 95% interval of the adjusted win rate."""
     n = {o: outcomes.count(o) for o in ("win", "loss", "tie", "error")}
-    x = torch.tensor([{"win": 1.0, "tie": 0.5, "loss": 0.0}[o] for o in outcomes if o != "error"])  # (N,)
+    # rates exact from the counts, the bootstrap in float64: in float32, 81 / 160 comes out as 0.50625002
+    # and a table prints 50.63, not the exact 50.625's 50.62
+    x = torch.tensor([{"win": 1.0, "tie": 0.5, "loss": 0.0}[o] for o in outcomes if o != "error"],
+                     dtype=torch.float64)  # (N,)
     if not len(x):
         raise ValueError("every judgment was an error: nothing to tabulate")
     idx = torch.randint(len(x), (n_boot, len(x)), generator=torch.Generator().manual_seed(seed))  # (n_boot, N)
-    lo, hi = torch.quantile(100 * x[idx].mean(1), torch.tensor([0.025, 0.975])).tolist()
-    return {**n, "win_rate": 100 * n["win"] / len(x), "adj_win_rate": 100 * x.mean().item(),
+    lo, hi = torch.quantile(100 * x[idx].mean(1), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {**n, "win_rate": 100 * n["win"] / len(x), "adj_win_rate": 100 * (n["win"] + n["tie"] / 2) / len(x),
             "ci_low": lo, "ci_high": hi}
 
 

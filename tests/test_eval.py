@@ -85,6 +85,16 @@ def test_win_rates_match_the_paper(win, loss, tie, wr, adj):
     assert s["ci_low"] < s["adj_win_rate"] < s["ci_high"]
 
 
+# MT-Bench-sized rows (n = 160) whose adjusted win rate ends in 5 at the third decimal, so that float32
+# rounding (x.mean() of a float32 tensor) printed them 1 off: 50.63, 54.37, 45.63
+@pytest.mark.parametrize("win, loss, tie, adj", [(16, 14, 130, "50.62"), (20, 6, 134, "54.38"), (32, 46, 82, "45.62")])
+def test_adjusted_win_rate_is_exact(win, loss, tie, adj):
+    float32 = 100 * torch.tensor([1.0] * win + [0.5] * tie + [0.0] * loss).mean().item()
+    assert f"{float32:.2f}" != adj == f"{100 * (win + tie / 2) / 160:.2f}"  # the row tells the two apart
+    s = ev.summary(["win"] * win + ["loss"] * loss + ["tie"] * tie, n_boot=10, seed=0)
+    assert f"{s['adj_win_rate']:.2f}" == adj
+
+
 def test_bootstrap_interval():
     assert ev.summary(["win"] * 10, 100, 0)["ci_low"] == 100.0  # no spread, no interval
     a, b = ev.summary(["win", "tie", "loss"] * 40, 500, 1), ev.summary(["loss", "tie", "win"] * 40, 500, 1)
