@@ -17,8 +17,8 @@ Choices, and where we depart from the paper or FastChat:
   from data/judge_prompts.jsonl = FastChat's fastchat/llm_judge/data/judge_prompts.jsonl, verbatim (Apache-2.0).
   FastChat would grade math and coding against reference answers (pair-math-v1); the paper does not.
 - Each pair is judged in both orders; verdicts that disagree make a tie (FastChat's rule); a reply with no
-  verdict is an error, counted apart, never a win. Win rate = win / n, adjusted = (win + tie / 2) / n with
-  n = win + loss + tie (Tables 1-5); the bootstrap interval is ours.
+  verdict is asked again (--retries), then is an error, counted apart, never a win. Win rate = win / n,
+  adjusted = (win + tie / 2) / n with n = win + loss + tie (Tables 1-5); the bootstrap interval is ours.
 - The reward of (x, y) is the reward model on prompt_ids(x) + y + EOS, the sequence PPO scores.
 """
 import csv
@@ -71,7 +71,7 @@ class Args:
     dataset: str = salsa.arg("", "judge: dataset name in the table (default: the question file's folder)")
     cache: str = salsa.arg("runs/eval/judge_cache.jsonl", "api: every judgment appended as it arrives; reruns reuse it")
     concurrency: int = salsa.arg(8, "api: requests in flight")
-    retries: int = salsa.arg(6, "api: retries on 429, 5xx and timeouts, with exponential backoff")
+    retries: int = salsa.arg(6, "api: retries on 429, 5xx, timeouts and replies with no verdict (backoff)")
     backoff: float = salsa.arg(2.0, "api: first backoff in seconds (doubles each retry)")
     timeout: float = salsa.arg(120.0, "api: seconds per request")
     tie_margin: float = salsa.arg(0.0, "rm/py judges: scores closer than this are a tie")
@@ -205,6 +205,8 @@ class JudgeError(Exception):
 
 
 def call_api(url: str, model: str, key: str | None, system: str, user: str, args: Args) -> str:
+    """The judge's reply, one that carries a verdict. 429, 5xx, timeouts and replies that carry none (malformed,
+    no choices, no content, no [[A]]/[[B]]/[[C]], cut at max_tokens) share --retries; then JudgeError."""
     body = json.dumps({"model": model, "temperature": 0, "max_tokens": 2048, "messages": [
         {"role": "system", "content": system}, {"role": "user", "content": user}]}).encode()
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
@@ -212,23 +214,29 @@ def call_api(url: str, model: str, key: str | None, system: str, user: str, args
         try:
             with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=args.timeout) as r:
                 raw = r.read()
-            break
         except (OSError, http.client.HTTPException) as e:  # HTTP errors, timeouts, refused or dropped connections
             if isinstance(e, urllib.error.HTTPError) and e.code != 429 and e.code < 500:  # no retry can help
                 raise RuntimeError(f"{url}: HTTP {e.code} {e.reason}: check --judge-url, --judge-model "
                                    f"and ${args.judge_key_env}") from None
-            if attempt == args.retries:
-                raise JudgeError(f"gave up after {attempt + 1} tries, last: {type(e).__name__}: {e}") from None
-            time.sleep(args.backoff * 2**attempt * (1 + random.random()))  # jitter: threads do not retry in lockstep
-    try:
-        return json.loads(raw)["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise JudgeError(f"malformed reply: {raw[:120]!r}") from None
+            problem = f"{type(e).__name__}: {e}"
+        else:
+            try:
+                choice = json.loads(raw)["choices"][0]
+                text, cut = choice["message"]["content"], choice.get("finish_reason") == "length"
+                if not cut and parse_verdict(text) != "error":
+                    return text
+                # a reply cut short never gave its final verdict: any [[A]] in it is from the reasoning before
+                problem = "cut at max_tokens (finish_reason length)" if cut else f"no verdict: ...{text[-200:]!r}"
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):  # TypeError: content null
+                problem = f"malformed reply: {raw[:120]!r}"
+        if attempt == args.retries:
+            raise JudgeError(f"gave up after {attempt + 1} tries, last: {problem}")
+        time.sleep(args.backoff * 2**attempt * (1 + random.random()))  # jitter: threads do not retry in lockstep
 
 
 def judge_api(args: Args, games: dict) -> dict:
-    """{game: reply text, or None for an error}, through the on-disk cache; new replies appended as they come.
-    A reply with no verdict was paid for: it is cached and stays an error (delete its line to ask again)."""
+    """{game: reply text with a verdict, or None for an error}, through the on-disk cache; new replies appended
+    as they come. Only replies with a verdict are cached: a rerun asks again what failed."""
     url = args.judge_url.rstrip("/").removesuffix("/chat/completions") + "/chat/completions"
     text = Path(args.cache).read_text() if Path(args.cache).exists() else ""
     cache = {}
@@ -237,7 +245,8 @@ def judge_api(args: Args, games: dict) -> dict:
             r = json.loads(line)
         except ValueError:  # the line a killed run was writing
             continue
-        cache[r["key"]] = r["judgment"]
+        if parse_verdict(r["judgment"] or "") != "error":  # older runs also cached replies with no verdict
+            cache[r["key"]] = r["judgment"]
     Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
     if text and not text.endswith("\n"):  # what we append must not extend that cut line
         with open(args.cache, "a") as fh:
@@ -330,10 +339,7 @@ def judge(args: Args):
         templates = {t["name"]: t for t in salsa.read_jsonl(args.judge_prompts)}
         games = {(a, b, qid, k): judge_prompt(templates, turns, runs[a][qid], runs[b][qid], k)
                  for a, b in pairs for qid, turns, k in units}
-        replies = judge_api(args, games)
-        verdict = {g: parse_verdict(t) if t is not None else "error" for g, t in replies.items()}
-        for g in [g for g, t in replies.items() if t is not None and verdict[g] == "error"][:5]:
-            print(f"no verdict in the reply to {g}: ...{replies[g][-200:]!r}")
+        verdict = {g: parse_verdict(t or "") for g, t in judge_api(args, games).items()}
         outcome = {(a, b): [pair_outcome(verdict[a, b, qid, k], verdict[b, a, qid, k]) for qid, _, k in units]
                    for a, b in pairs}
     else:
