@@ -302,8 +302,7 @@ def summary(outcomes: list[str], n_boot: int, seed: int) -> dict:
     n = {o: outcomes.count(o) for o in ("win", "loss", "tie", "error")}
     # rates exact from the counts, the bootstrap in float64: in float32, 81 / 160 comes out as 0.50625002
     # and a table prints 50.63, not the exact 50.625's 50.62
-    x = torch.tensor([{"win": 1.0, "tie": 0.5, "loss": 0.0}[o] for o in outcomes if o != "error"],
-                     dtype=torch.float64)  # (N,)
+    x = torch.tensor([{"win": 1.0, "tie": 0.5, "loss": 0.0}[o] for o in outcomes if o != "error"]).double()  # (N,)
     if not len(x):
         raise ValueError("every judgment was an error: nothing to tabulate")
     idx = torch.randint(len(x), (n_boot, len(x)), generator=torch.Generator().manual_seed(seed))  # (n_boot, N)
