@@ -22,6 +22,7 @@ Choices, and where we depart from the paper or FastChat:
 - The reward of (x, y) is the reward model on prompt_ids(x) + y + EOS, the sequence PPO scores.
 """
 import csv
+import email.utils
 import hashlib
 import http.client
 import importlib
@@ -71,8 +72,8 @@ class Args:
     dataset: str = salsa.arg("", "judge: dataset name in the table (default: the question file's folder)")
     cache: str = salsa.arg("runs/eval/judge_cache.jsonl", "api: every judgment appended as it arrives; reruns reuse it")
     concurrency: int = salsa.arg(8, "api: requests in flight")
-    retries: int = salsa.arg(6, "api: retries on 429, 5xx, timeouts and replies with no verdict (backoff)")
-    backoff: float = salsa.arg(2.0, "api: first backoff in seconds (doubles each retry)")
+    retries: int = salsa.arg(6, "api: retries on 429, 5xx, timeouts, replies with no verdict; exponential backoff")
+    backoff: float = salsa.arg(2.0, "api: first backoff in seconds (doubles each retry; longer if Retry-After says)")
     timeout: float = salsa.arg(120.0, "api: seconds per request")
     tie_margin: float = salsa.arg(0.0, "rm/py judges: scores closer than this are a tie")
     bootstrap: int = salsa.arg(1000, "judge: bootstrap resamples of the 95-percent interval of the adjusted win rate")
@@ -204,6 +205,15 @@ class JudgeError(Exception):
     """A judgment that failed for good: counted as an error, never cached, retried by a rerun."""
 
 
+def retry_after(value: str | None) -> float:
+    """Seconds a Retry-After header asks us to wait (it gives seconds or an HTTP date); 0 without a readable one."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        when = email.utils.parsedate_tz(value or "")
+        return email.utils.mktime_tz(when) - time.time() if when else 0.0
+
+
 def call_api(url: str, model: str, key: str | None, system: str, user: str, args: Args) -> str:
     """The judge's reply, one that carries a verdict. 429, 5xx, timeouts and replies that carry none (malformed,
     no choices, no content, no [[A]]/[[B]]/[[C]], cut at max_tokens) share --retries; then JudgeError."""
@@ -211,6 +221,7 @@ def call_api(url: str, model: str, key: str | None, system: str, user: str, args
         {"role": "system", "content": system}, {"role": "user", "content": user}]}).encode()
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     for attempt in range(args.retries + 1):
+        wait = 0.0
         try:
             with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=args.timeout) as r:
                 raw = r.read()
@@ -219,6 +230,7 @@ def call_api(url: str, model: str, key: str | None, system: str, user: str, args
                 raise RuntimeError(f"{url}: HTTP {e.code} {e.reason}: check --judge-url, --judge-model "
                                    f"and ${args.judge_key_env}") from None
             problem = f"{type(e).__name__}: {e}"
+            wait = retry_after(getattr(e, "headers", {}).get("Retry-After"))  # a 429 or 503 may say when to come back
         else:
             try:
                 choice = json.loads(raw)["choices"][0]
@@ -227,11 +239,11 @@ def call_api(url: str, model: str, key: str | None, system: str, user: str, args
                     return text
                 # a reply cut short never gave its final verdict: any [[A]] in it is from the reasoning before
                 problem = "cut at max_tokens (finish_reason length)" if cut else f"no verdict: ...{text[-200:]!r}"
-            except (ValueError, KeyError, IndexError, TypeError, AttributeError):  # TypeError: content null
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):  # TypeError: also a null content
                 problem = f"malformed reply: {raw[:120]!r}"
         if attempt == args.retries:
             raise JudgeError(f"gave up after {attempt + 1} tries, last: {problem}")
-        time.sleep(args.backoff * 2**attempt * (1 + random.random()))  # jitter: threads do not retry in lockstep
+        time.sleep(max(wait, args.backoff * 2**attempt * (1 + random.random())))  # not sooner; jitter: no lockstep
 
 
 def judge_api(args: Args, games: dict) -> dict:

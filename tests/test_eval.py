@@ -3,6 +3,7 @@ against the paper's own rows, the judge client against a stub server on loopback
 reply, timeout, cache), answers on a tiny model (format, second turn, resume), the alpha line's ends
 against its ingredients, and every command end to end with its table or plots."""
 import csv
+import email.utils
 import json
 import os
 import subprocess
@@ -116,7 +117,8 @@ def test_judge_prompts_are_fastchats():
 
 # ---------------------------------------------------------------- the judge client
 class Stub:
-    """An OpenAI-compatible endpoint on 127.0.0.1: replies follow a script, then `default(user_prompt)`."""
+    """An OpenAI-compatible endpoint on 127.0.0.1: replies follow a script of (status, payload) or
+    (status, payload, headers), then `default(user_prompt)`."""
 
     def __init__(self, default):
         self.script, self.default, self.requests = [], default, []
@@ -126,7 +128,7 @@ class Stub:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.requests.append((self.path, self.headers.get("Authorization"), body))
-                status, payload = stub.script.pop(0) if stub.script else (200, stub.default(body["messages"][1]["content"]))
+                status, payload, *headers = stub.script.pop(0) if stub.script else (200, stub.default(body["messages"][1]["content"]))
                 if status == "sleep":
                     time.sleep(payload)
                     status, payload = 200, "too late"
@@ -135,6 +137,8 @@ class Stub:
                 try:
                     self.send_response(status)
                     self.send_header("Content-Length", str(len(data)))
+                    for k, v in dict(*headers).items():
+                        self.send_header(k, v)
                     self.end_headers()
                     self.wfile.write(data)
                 except OSError:  # the client gave up (timeout test)
@@ -217,6 +221,15 @@ def test_api_retries_replies_without_a_verdict(stub, tmp_path, reply, problem):
     with pytest.raises(ev.JudgeError) as e:
         ev.call_api(url, "m", None, "sys", "x", args)
     assert f"gave up after 3 tries, last: {problem}" in str(e.value) and len(stub.requests) == 5
+
+
+def test_api_honours_retry_after(stub, tmp_path):
+    args, url = api_args(stub, tmp_path), stub.url + "/chat/completions"
+    stub.script, t0 = [(429, "slow down", {"Retry-After": "0.3"})], time.time()
+    assert ev.call_api(url, "m", None, "sys", "x", args) == "Comparing both. [[C]]" and len(stub.requests) == 2
+    assert time.time() - t0 >= 0.3  # --backoff 0.01 alone waits 0.01 to 0.02 s
+    assert ev.retry_after(email.utils.formatdate(time.time() + 60, usegmt=True)) == pytest.approx(60, abs=1.5)
+    assert ev.retry_after(None) == ev.retry_after("soon") == 0
 
 
 def test_cache_and_counted_errors(stub, tmp_path, monkeypatch):
