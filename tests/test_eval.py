@@ -1,7 +1,7 @@
 """eval.py: verdict parsing on judge-like replies, both-order aggregation and the win-rate arithmetic
-against the paper's own rows, the judge client against a stub server on loopback (retry, malformed
-reply, timeout, cache), answers on a tiny model (format, second turn, resume), the alpha line's ends
-against its ingredients, and every command end to end with its table or plots."""
+against the paper's own rows, the judge client against a stub server on loopback (retries, Retry-After,
+replies with no verdict, timeout, cache of verdicts only), answers on a tiny model (format, second turn,
+resume), the alpha line's ends against its ingredients, and every command end to end with its table or plots."""
 import csv
 import email.utils
 import json
