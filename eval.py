@@ -17,11 +17,12 @@ Choices, and where we depart from the paper or FastChat:
   from data/judge_prompts.jsonl = FastChat's fastchat/llm_judge/data/judge_prompts.jsonl, verbatim (Apache-2.0).
   FastChat would grade math and coding against reference answers (pair-math-v1); the paper does not.
 - Each pair is judged in both orders; verdicts that disagree make a tie (FastChat's rule); a reply with no
-  verdict is an error, counted apart, never a win. Win rate = win / n, adjusted = (win + tie / 2) / n with
-  n = win + loss + tie (Tables 1-5); the bootstrap interval is ours.
+  verdict is asked again (--retries), then is an error, counted apart, never a win. Win rate = win / n,
+  adjusted = (win + tie / 2) / n with n = win + loss + tie (Tables 1-5); the bootstrap interval is ours.
 - The reward of (x, y) is the reward model on prompt_ids(x) + y + EOS, the sequence PPO scores.
 """
 import csv
+import email.utils
 import hashlib
 import http.client
 import importlib
@@ -71,8 +72,8 @@ class Args:
     dataset: str = salsa.arg("", "judge: dataset name in the table (default: the question file's folder)")
     cache: str = salsa.arg("runs/eval/judge_cache.jsonl", "api: every judgment appended as it arrives; reruns reuse it")
     concurrency: int = salsa.arg(8, "api: requests in flight")
-    retries: int = salsa.arg(6, "api: retries on 429, 5xx and timeouts, with exponential backoff")
-    backoff: float = salsa.arg(2.0, "api: first backoff in seconds (doubles each retry)")
+    retries: int = salsa.arg(6, "api: retries on 429, 5xx, timeouts, replies with no verdict; exponential backoff")
+    backoff: float = salsa.arg(2.0, "api: first backoff in seconds (doubles each retry; longer if Retry-After says)")
     timeout: float = salsa.arg(120.0, "api: seconds per request")
     tie_margin: float = salsa.arg(0.0, "rm/py judges: scores closer than this are a tie")
     bootstrap: int = salsa.arg(1000, "judge: bootstrap resamples of the 95-percent interval of the adjusted win rate")
@@ -208,31 +209,50 @@ class JudgeError(Exception):
     """A judgment that failed for good: counted as an error, never cached, retried by a rerun."""
 
 
+def retry_after(value: str | None) -> float:
+    """Seconds a Retry-After header asks us to wait (it gives seconds or an HTTP date); 0 without a readable one."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        when = email.utils.parsedate_tz(value or "")
+        return email.utils.mktime_tz(when) - time.time() if when else 0.0
+
+
 def call_api(url: str, model: str, key: str | None, system: str, user: str, args: Args) -> str:
+    """The judge's reply, one that carries a verdict. 429, 5xx, timeouts and replies that carry none (malformed,
+    no choices, no content, no [[A]]/[[B]]/[[C]], cut at max_tokens) share --retries; then JudgeError."""
     body = json.dumps({"model": model, "temperature": 0, "max_tokens": 2048, "messages": [
         {"role": "system", "content": system}, {"role": "user", "content": user}]}).encode()
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     for attempt in range(args.retries + 1):
+        wait = 0.0
         try:
             with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=args.timeout) as r:
                 raw = r.read()
-            break
         except (OSError, http.client.HTTPException) as e:  # HTTP errors, timeouts, refused or dropped connections
             if isinstance(e, urllib.error.HTTPError) and e.code != 429 and e.code < 500:  # no retry can help
                 raise RuntimeError(f"{url}: HTTP {e.code} {e.reason}: check --judge-url, --judge-model "
                                    f"and ${args.judge_key_env}") from None
-            if attempt == args.retries:
-                raise JudgeError(f"gave up after {attempt + 1} tries, last: {type(e).__name__}: {e}") from None
-            time.sleep(args.backoff * 2**attempt * (1 + random.random()))  # jitter: threads do not retry in lockstep
-    try:
-        return json.loads(raw)["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise JudgeError(f"malformed reply: {raw[:120]!r}") from None
+            problem = f"{type(e).__name__}: {e}"
+            wait = retry_after(getattr(e, "headers", {}).get("Retry-After"))  # a 429 or 503 may say when to come back
+        else:
+            try:
+                choice = json.loads(raw)["choices"][0]
+                text, cut = choice["message"]["content"], choice.get("finish_reason") == "length"
+                if not cut and parse_verdict(text) != "error":
+                    return text
+                # a reply cut short never gave its final verdict: any [[A]] in it is from the reasoning before
+                problem = "cut at max_tokens (finish_reason length)" if cut else f"no verdict: ...{text[-200:]!r}"
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):  # TypeError: also a null content
+                problem = f"malformed reply: {raw[:120]!r}"
+        if attempt == args.retries:
+            raise JudgeError(f"gave up after {attempt + 1} tries, last: {problem}")
+        time.sleep(max(wait, args.backoff * 2**attempt * (1 + random.random())))  # not sooner; jitter: no lockstep
 
 
 def judge_api(args: Args, games: dict) -> dict:
-    """{game: reply text, or None for an error}, through the on-disk cache; new replies appended as they come.
-    A reply with no verdict was paid for: it is cached and stays an error (delete its line to ask again)."""
+    """{game: reply text with a verdict, or None for an error}, through the on-disk cache; new replies appended
+    as they come. Only replies with a verdict are cached: a rerun asks again what failed."""
     url = args.judge_url.rstrip("/").removesuffix("/chat/completions") + "/chat/completions"
     text = Path(args.cache).read_text() if Path(args.cache).exists() else ""
     cache = {}
@@ -241,7 +261,8 @@ def judge_api(args: Args, games: dict) -> dict:
             r = json.loads(line)
         except ValueError:  # the line a killed run was writing
             continue
-        cache[r["key"]] = r["judgment"]
+        if parse_verdict(r["judgment"] or "") != "error":  # older runs also cached replies with no verdict
+            cache[r["key"]] = r["judgment"]
     Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
     if text and not text.endswith("\n"):  # what we append must not extend that cut line
         with open(args.cache, "a") as fh:
@@ -296,12 +317,14 @@ def py_judge(spec: str):
 def summary(outcomes: list[str], n_boot: int, seed: int) -> dict:
     """Table 2-5 numbers in percent, plus a bootstrap 95% interval of the adjusted win rate."""
     n = {o: outcomes.count(o) for o in ("win", "loss", "tie", "error")}
-    x = torch.tensor([{"win": 1.0, "tie": 0.5, "loss": 0.0}[o] for o in outcomes if o != "error"])  # (N,)
+    # rates exact from the counts, the bootstrap in float64: in float32, 81 / 160 comes out as 0.50625002
+    # and a table prints 50.63, not the exact 50.625's 50.62
+    x = torch.tensor([{"win": 1.0, "tie": 0.5, "loss": 0.0}[o] for o in outcomes if o != "error"]).double()  # (N,)
     if not len(x):
         raise ValueError("every judgment was an error: nothing to tabulate")
     idx = torch.randint(len(x), (n_boot, len(x)), generator=torch.Generator().manual_seed(seed))  # (n_boot, N)
-    lo, hi = torch.quantile(100 * x[idx].mean(1), torch.tensor([0.025, 0.975])).tolist()
-    return {**n, "win_rate": 100 * n["win"] / len(x), "adj_win_rate": 100 * x.mean().item(),
+    lo, hi = torch.quantile(100 * x[idx].mean(1), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {**n, "win_rate": 100 * n["win"] / len(x), "adj_win_rate": 100 * (n["win"] + n["tie"] / 2) / len(x),
             "ci_low": lo, "ci_high": hi}
 
 
@@ -332,10 +355,7 @@ def judge(args: Args):
         templates = {t["name"]: t for t in salsa.read_jsonl(args.judge_prompts)}
         games = {(a, b, qid, k): judge_prompt(templates, turns, runs[a][qid], runs[b][qid], k)
                  for a, b in pairs for qid, turns, k in units}
-        replies = judge_api(args, games)
-        verdict = {g: parse_verdict(t) if t is not None else "error" for g, t in replies.items()}
-        for g in [g for g, t in replies.items() if t is not None and verdict[g] == "error"][:5]:
-            print(f"no verdict in the reply to {g}: ...{replies[g][-200:]!r}")
+        verdict = {g: parse_verdict(t or "") for g, t in judge_api(args, games).items()}
         outcome = {(a, b): [pair_outcome(verdict[a, b, qid, k], verdict[b, a, qid, k]) for qid, _, k in units]
                    for a, b in pairs}
     else:

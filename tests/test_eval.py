@@ -1,8 +1,9 @@
 """eval.py: verdict parsing on judge-like replies, both-order aggregation and the win-rate arithmetic
-against the paper's own rows, the judge client against a stub server on loopback (retry, malformed
-reply, timeout, cache), answers on a tiny model (format, second turn, resume), the alpha line's ends
-against its ingredients, and every command end to end with its table or plots."""
+against the paper's own rows, the judge client against a stub server on loopback (retries, Retry-After,
+replies with no verdict, timeout, cache of verdicts only), answers on a tiny model (format, second turn,
+resume), the alpha line's ends against its ingredients, and every command end to end with its table or plots."""
 import csv
+import email.utils
 import json
 import os
 import subprocess
@@ -85,6 +86,16 @@ def test_win_rates_match_the_paper(win, loss, tie, wr, adj):
     assert s["ci_low"] < s["adj_win_rate"] < s["ci_high"]
 
 
+# MT-Bench-sized rows (n = 160) whose adjusted win rate ends in 5 at the third decimal, so that float32
+# rounding (x.mean() of a float32 tensor) printed them 1 off: 50.63, 54.37, 45.63
+@pytest.mark.parametrize("win, loss, tie, adj", [(16, 14, 130, "50.62"), (20, 6, 134, "54.38"), (32, 46, 82, "45.62")])
+def test_adjusted_win_rate_is_exact(win, loss, tie, adj):
+    float32 = 100 * torch.tensor([1.0] * win + [0.5] * tie + [0.0] * loss).mean().item()
+    assert f"{float32:.2f}" != adj == f"{100 * (win + tie / 2) / 160:.2f}"  # the row tells the two apart
+    s = ev.summary(["win"] * win + ["loss"] * loss + ["tie"] * tie, n_boot=10, seed=0)
+    assert f"{s['adj_win_rate']:.2f}" == adj
+
+
 def test_bootstrap_interval():
     assert ev.summary(["win"] * 10, 100, 0)["ci_low"] == 100.0  # no spread, no interval
     a, b = ev.summary(["win", "tie", "loss"] * 40, 500, 1), ev.summary(["loss", "tie", "win"] * 40, 500, 1)
@@ -106,7 +117,8 @@ def test_judge_prompts_are_fastchats():
 
 # ---------------------------------------------------------------- the judge client
 class Stub:
-    """An OpenAI-compatible endpoint on 127.0.0.1: replies follow a script, then `default(user_prompt)`."""
+    """An OpenAI-compatible endpoint on 127.0.0.1: replies follow a script of (status, payload) or
+    (status, payload, headers), then `default(user_prompt)`."""
 
     def __init__(self, default):
         self.script, self.default, self.requests = [], default, []
@@ -116,7 +128,7 @@ class Stub:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.requests.append((self.path, self.headers.get("Authorization"), body))
-                status, payload = stub.script.pop(0) if stub.script else (200, stub.default(body["messages"][1]["content"]))
+                status, payload, *headers = stub.script.pop(0) if stub.script else (200, stub.default(body["messages"][1]["content"]))
                 if status == "sleep":
                     time.sleep(payload)
                     status, payload = 200, "too late"
@@ -125,6 +137,8 @@ class Stub:
                 try:
                     self.send_response(status)
                     self.send_header("Content-Length", str(len(data)))
+                    for k, v in dict(*headers).items():
+                        self.send_header(k, v)
                     self.end_headers()
                     self.wfile.write(data)
                 except OSError:  # the client gave up (timeout test)
@@ -166,7 +180,7 @@ def api_args(stub, tmp_path, **kw):
                    retries=2, backoff=0.01, timeout=0.5, concurrency=2, **kw)
 
 
-def test_api_success_retry_malformed_timeout(stub, tmp_path, monkeypatch):
+def test_api_success_retry_timeout(stub, tmp_path, monkeypatch):
     monkeypatch.setenv("JUDGE_KEY", "sk-secret")
     args = api_args(stub, tmp_path)
     url = stub.url + "/chat/completions"
@@ -179,11 +193,6 @@ def test_api_success_retry_malformed_timeout(stub, tmp_path, monkeypatch):
     assert ev.call_api(url, "m", None, "sys", "x", args) == "Comparing both. [[C]]"
     assert len(stub.requests) - n == 3 and stub.requests[-1][1] is None  # two retries, then success; no key, no header
 
-    stub.script, n = [(200, "{not json")], len(stub.requests)
-    with pytest.raises(ev.JudgeError, match="malformed"):
-        ev.call_api(url, "m", None, "sys", "x", args)
-    assert len(stub.requests) - n == 1
-
     stub.script, n = [("sleep", 1.0)] * 3, len(stub.requests)
     t0 = time.time()
     with pytest.raises(ev.JudgeError, match="3 tries"):
@@ -195,39 +204,77 @@ def test_api_success_retry_malformed_timeout(stub, tmp_path, monkeypatch):
         ev.call_api(url, "m", None, "sys", "x", args)
 
 
+@pytest.mark.parametrize("reply, problem", [
+    ("{not json", "malformed reply: b'{not json'"),
+    (json.dumps({"choices": []}), "malformed reply"),
+    (json.dumps({"choices": [{"message": {"role": "assistant", "content": None}}]}), "malformed reply"),
+    (json.dumps({"choices": [{"message": {"content": "I am not sure."}}]}), "no verdict: ...'I am not sure.'"),
+    (json.dumps({"choices": [{"message": {"content": "At first [[A]] looks right, but"}, "finish_reason": "length"}]}),
+     "cut at max_tokens (finish_reason length)"),
+], ids=["malformed", "no choices", "null content", "no verdict", "cut at max_tokens"])
+def test_api_retries_replies_without_a_verdict(stub, tmp_path, reply, problem):
+    """Each is retried like a 5xx (then the stub's default reply has a verdict); three of them spend --retries 2."""
+    args, url = api_args(stub, tmp_path), stub.url + "/chat/completions"
+    stub.script = [(200, reply)]
+    assert ev.call_api(url, "m", None, "sys", "x", args) == "Comparing both. [[C]]" and len(stub.requests) == 2
+    stub.script = [(200, reply)] * 3
+    with pytest.raises(ev.JudgeError) as e:
+        ev.call_api(url, "m", None, "sys", "x", args)
+    assert f"gave up after 3 tries, last: {problem}" in str(e.value) and len(stub.requests) == 5
+
+
+def test_api_honours_retry_after(stub, tmp_path):
+    args, url = api_args(stub, tmp_path), stub.url + "/chat/completions"
+    stub.script, t0 = [(429, "slow down", {"Retry-After": "0.3"})], time.time()
+    assert ev.call_api(url, "m", None, "sys", "x", args) == "Comparing both. [[C]]" and len(stub.requests) == 2
+    assert time.time() - t0 >= 0.3  # --backoff 0.01 alone waits 0.01 to 0.02 s
+    assert ev.retry_after(email.utils.formatdate(time.time() + 60, usegmt=True)) == pytest.approx(60, abs=1.5)
+    assert ev.retry_after(None) == ev.retry_after("soon") == 0
+
+
 def test_cache_and_counted_errors(stub, tmp_path, monkeypatch):
     monkeypatch.setenv("JUDGE_KEY", "sk-secret")
     args = api_args(stub, tmp_path)
     games = {("p", "q", str(i), 0): ("sys", f"question {i} good") for i in range(4)}
-    games[("p", "q", "bad", 0)] = ("sys", "malformed")
-    stub.default = lambda user: "{not json" if user == "malformed" else {"text": "[[A]]"}
+    games[("p", "q", "bad", 0)], games[("p", "q", "unsure", 0)] = ("sys", "malformed"), ("sys", "unsure")
+    stub.default = lambda user: "{not json" if user == "malformed" else {"text": "Hmm." if user == "unsure" else "[[A]]"}
     replies = ev.judge_api(args, games)
-    assert replies["p", "q", "bad", 0] is None and sum(r is None for r in replies.values()) == 1
-    assert len(stub.requests) == 5
+    assert replies["p", "q", "bad", 0] is None and replies["p", "q", "unsure", 0] is None
+    assert sum(r is None for r in replies.values()) == 2 and len(stub.requests) == 4 + 3 + 3  # --retries 2
+    cached = salsa.read_jsonl(args.cache)
+    assert len(cached) == 4 and all(ev.parse_verdict(r["judgment"]) == "A" for r in cached)  # only verdicts
     stub.default = lambda user: {"text": "[[A]]"}
     assert "sk-secret" not in Path(args.cache).read_text()
     n = len(stub.requests)
-    again = ev.judge_api(args, games)  # the four answers are cached; the failed one is asked again
-    assert len(stub.requests) == n + 1 and all(r == "[[A]]" for r in again.values())
+    again = ev.judge_api(args, games)  # the four answers are cached; the failed two are asked again
+    assert len(stub.requests) == n + 2 and all(r == "[[A]]" for r in again.values())
+    cached = salsa.read_jsonl(args.cache)
+    cached[0]["judgment"], cached[1]["judgment"] = "I am not sure.", None  # as older runs cached them
+    write_jsonl(args.cache, cached)
+    assert ev.judge_api(args, games) == again and len(stub.requests) == n + 4  # not cached: asked again
     with open(args.cache, "a") as fh:
         fh.write('{"key": "cut by a cra')  # a run killed mid-write
-    assert ev.judge_api(args, games) == again and len(stub.requests) == n + 1
+    assert ev.judge_api(args, games) == again and len(stub.requests) == n + 4
     games["p", "q", "new", 1] = ("sys", "one more")
     ev.judge_api(args, games)
-    assert ev.judge_api(args, games)["p", "q", "new", 1] == "[[A]]" and len(stub.requests) == n + 2
+    assert ev.judge_api(args, games)["p", "q", "new", 1] == "[[A]]" and len(stub.requests) == n + 5
 
 
 def test_judge_api_end_to_end(stub, tmp_path):
-    """Two MT-Bench questions x two turns, three models; "good" wins in either position, "??" is unjudgeable."""
+    """Two MT-Bench questions x two turns, three models; "good" wins in either position, "??" is unjudgeable:
+    asked twice (--retries 1), an error, never cached."""
     qs = write_jsonl(tmp_path / "question.jsonl", MT_BENCH[:2])
     a = fastchat_answers(tmp_path / "a.jsonl", "salsa", {81: ["good", "good"], 82: ["good", "fine"]})
     b = fastchat_answers(tmp_path / "b.jsonl", "ppo", {81: ["meh", "meh"], 82: ["meh", "?? meh"]})
     c = fastchat_answers(tmp_path / "c.jsonl", "sft", {81: ["bleh", "bleh"], 82: ["bleh", "bleh"]})
     flags = ["--questions", qs, "--answers", a, b, c, "--out", tmp_path / "table", "--judge-url", stub.url,
              "--judge-model", "stub", "--judge-key-env", "JUDGE_KEY", "--cache", tmp_path / "cache.jsonl",
-             "--dataset", "MT-Bench", "--judge-prompts", ROOT / "data" / "judge_prompts.jsonl"]
+             "--dataset", "MT-Bench", "--judge-prompts", ROOT / "data" / "judge_prompts.jsonl",
+             "--retries", 1, "--backoff", 0.01]
     out = run("judge", *flags)
-    assert len(stub.requests) == 3 * 4 * 2 and "no verdict in the reply" in out and "sk-secret" not in out
+    # 6 ordered pairs x 4 turns; the 4 showing ppo's q82 turn 2 ("??") are asked twice
+    assert len(stub.requests) == 6 * 4 + 4 and "2 tries, last: no verdict: ...'I am not sure.'" in out
+    assert "sk-secret" not in out
     rows = {(r["model"], r["opponent"]): r for r in csv.DictReader(open(tmp_path / "table.csv"))}
     assert len(rows) == 6
     # salsa vs ppo: q81 t1 win, t2 win; q82 t1 win, t2 error (the multi-turn prompt shows "??")
@@ -237,7 +284,7 @@ def test_judge_api_end_to_end(stub, tmp_path):
     assert float(rows["salsa", "sft"]["adj_win_rate"]) == 87.5 and float(rows["salsa", "sft"]["win_rate"]) == 75.0
     assert "| MT-Bench | salsa vs sft | 3 | 0 | 1 | 75.00 | 87.50 |" in (tmp_path / "table.md").read_text()
     run("judge", *flags)
-    assert len(stub.requests) == 24  # everything answered came from the cache
+    assert len(stub.requests) == 28 + 4 * 2  # every verdict came from the cache; the 4 errors were asked again
 
 
 def test_local_judge_and_table_merge(tmp_path, monkeypatch):
