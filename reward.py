@@ -105,11 +105,8 @@ def init_reward_model(args, tok, checkpoint: str | None = None):
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
     logging.set_verbosity_error()  # the head is missing from an SFT checkpoint by design: no load report
-    salsa.check_model_dir(checkpoint or args.model, args.allow_pickle)
-    rm = AutoModelForSequenceClassification.from_pretrained(checkpoint or args.model, num_labels=1,
-                                                            dtype=getattr(torch, args.dtype), attn_implementation=args.attn,
-                                                            use_safetensors=None if args.allow_pickle else True)
-    salsa.check_finite(rm.state_dict(), checkpoint or args.model)
+    rm = salsa.from_pretrained(AutoModelForSequenceClassification, checkpoint or args.model, args.dtype, args.attn,
+                               args.allow_pickle, num_labels=1)
     if len(tok) > rm.get_input_embeddings().weight.shape[0]:
         rm.resize_token_embeddings(len(tok))
     rm.config.pad_token_id, rm.config.reward_bias = tok.pad_token_id, 0.0

@@ -139,13 +139,21 @@ def all_sum(x: torch.Tensor, dist: Dist) -> torch.Tensor:
 def distribute(build, dist: Dist, train: bool = False):
     """The model `build()` returns on CPU, moved to dist.device; under torchrun sharded without a full
     copy per rank: rank 0 builds it, the others an empty (meta) model of its class and config, and
-    weights and buffers (RoPE's inv_freq is in no state dict) are broadcast into the shards."""
+    weights and buffers (RoPE's inv_freq is in no state dict) are broadcast into the shards. An InputError
+    of rank 0's build is raised on every rank (the others would wait for its weights for ever)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     if dist.world == 1:
         return build().to(dist.device)
-    full = build() if dist.main else None
-    spec = [(type(full), full.config, getattr(full, "generation_config", None), full.dtype) if dist.main else None]
+    full, spec = None, [None]
+    if dist.main:
+        try:
+            full = build()
+            spec = [(type(full), full.config, getattr(full, "generation_config", None), full.dtype)]
+        except InputError as e:
+            spec = [e]
     torch.distributed.broadcast_object_list(spec, src=0)
+    if isinstance(spec[0], InputError):
+        raise spec[0]
     cls, config, generation_config, dtype = spec[0]
     with torch.device("meta"):
         model = cls._from_config(config, dtype=dtype)
@@ -373,6 +381,15 @@ def check_vocabularies(paths: list[str]):
                              f"{paths[0]}'s: use models fine-tuned from one base, with one tokenizer")
 
 
+def from_pretrained(cls, path: str, dtype: str = "float32", attn: str = "sdpa", allow_pickle: bool = False, **kw):
+    """`cls.from_pretrained(path)` of a checked directory (check_model_dir), refused if a weight is NaN or inf."""
+    check_model_dir(path, allow_pickle)
+    model = cls.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn,
+                                use_safetensors=None if allow_pickle else True, **kw)
+    check_finite(model.state_dict(), path)
+    return model
+
+
 def load_model(path: str, tok=None, dtype: str = "float32", attn: str = "sdpa", device="cpu", dist=None,
                train: bool = False, allow_pickle: bool = False):
     """A causal LM from a local directory or hub name, dropout off (RL needs the rollout and the
@@ -384,12 +401,9 @@ def load_model(path: str, tok=None, dtype: str = "float32", attn: str = "sdpa", 
     checkpoint saved with sampling settings would make "greedy" sample and PPO's rollouts differ
     from the distribution it scores. Every generate gets a complete salsa.generation_config."""
     from transformers import AutoModelForCausalLM, GenerationConfig
-    check_model_dir(path, allow_pickle)
 
     def build():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn,
-                                                     use_safetensors=None if allow_pickle else True)
-        check_finite(model.state_dict(), path)
+        model = from_pretrained(AutoModelForCausalLM, path, dtype, attn, allow_pickle)
         model.generation_config = GenerationConfig()
         if tok is not None:
             if len(tok) > model.get_input_embeddings().weight.shape[0]:
@@ -746,12 +760,9 @@ def load_reward_model(path: str, dtype: str = "float32", attn: str = "sdpa", dev
     directory whose config.json also carries `reward_bias`, the normalisation reward_scores subtracts.
     Eval mode, dropout off, sharded under torchrun; freezing it (requires_grad) is the caller's choice."""
     from transformers import AutoModelForSequenceClassification
-    check_model_dir(path, allow_pickle)
 
     def build():
-        rm = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn,
-                                                                use_safetensors=None if allow_pickle else True)
-        check_finite(rm.state_dict(), path)
+        rm = from_pretrained(AutoModelForSequenceClassification, path, dtype, attn, allow_pickle)
         if rm.config.num_labels != 1 or not isinstance(getattr(rm.config, "reward_bias", None), (int, float)):
             raise InputError(f"{path}: a reward model needs num_labels=1 and a numeric `reward_bias` in config.json "
                              "(train it with reward.py, or add \"reward_bias\": 0.0 to use its raw scores)")

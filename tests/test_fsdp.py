@@ -141,6 +141,27 @@ def test_rollout_with_different_lengths_per_rank_does_not_hang(runs):
     assert r0["resharded"] and r1["resharded"]
 
 
+def test_bad_model_under_torchrun_stops_every_rank(tiny, tmp_path):
+    """Rank 0 alone reads the weights (salsa.distribute): its InputError (here a NaN weight) must stop the
+    other rank too, with the same one line, instead of leaving it waiting for the broadcast for ever."""
+    from safetensors.torch import load_file, save_file
+    nan = tmp_path / "nan"
+    shutil.copytree(tiny, nan)
+    w = load_file(nan / "model.safetensors")
+    w["model.norm.weight"][0] = float("nan")
+    save_file(w, nan / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in CHATS))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "sft.py",
+           "--model", nan, "--data", tmp_path / "chats.jsonl", "--batch-size", "2", "--eval-frac", "0",
+           "--out", tmp_path / "out"]
+    res = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode != 0 and len(errors) == 2, res.stderr[-2000:]  # one line per rank
+    assert all(f"{nan}: tensor model.norm.weight holds NaN or inf" in e for e in errors), errors
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.ckpt").exists()
+
+
 def test_ppo_under_torchrun_and_its_resume(tiny, tok, tmp_path):
     """ppo.py with an in-memory soup reference, sharded policy, soup and reward model; its sharded
     checkpoint (torch.distributed.checkpoint, each rank its own generators) resumed gives the same run."""

@@ -325,11 +325,14 @@ def no_hub(*a, **kw):
 
 
 def test_read_rows_missing_relative_path(tmp_path, monkeypatch):
-    import datasets
+    import sys
+    import types
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(datasets, "load_dataset", no_hub)
-    with pytest.raises(salsa.InputError, match="data/missing.jsonl"):
-        salsa.read_rows("data/missing.jsonl")
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=no_hub))  # no 10 s import
+    for missing in ("data/missing.jsonl", "runs/sft-seed1"):  # a file, and a folder name shaped like org/name
+        Path(missing).parent.mkdir(exist_ok=True)
+        with pytest.raises(salsa.InputError, match=missing):
+            salsa.read_rows(missing)
 
 
 @pytest.mark.parametrize("messages, error", [
