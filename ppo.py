@@ -296,8 +296,8 @@ def main(args: Args):
     local_batch = args.batch_size // dist.world  # derived sizes, checked to divide evenly
     mb_rows = local_batch // args.minibatches  # rows of one minibatch on this rank
     if args.batch_size % dist.world or local_batch % args.minibatches or mb_rows % min(args.micro_batch, mb_rows):
-        raise salsa.InputError(f"--batch-size {args.batch_size} must split evenly over {dist.world} ranks, then into "
-                         f"--minibatches {args.minibatches}, then into --micro-batch {args.micro_batch} rows")
+        raise salsa.InputError(f"--batch-size {args.batch_size} must split evenly over {dist.world} ranks, then "
+                               f"into --minibatches {args.minibatches}, then into --micro-batch {args.micro_batch} rows")
     steps = args.steps or len(prompts) // args.batch_size
 
     kw = dict(dtype=args.dtype, attn=args.attn, device=dist.device, dist=dist)
@@ -380,8 +380,8 @@ def main(args: Args):
                                            returns[micro], rmask[micro], args.cliprange, args.cliprange_value)
                     salsa.sync_grads(policy, last=k == len(mb) - 1)
                     ((pg + args.vf_coef * vf) / mb_tokens).backward()
-                    for k, v in {**s, "ppo/policy_loss": pg.item(), "ppo/value_loss": vf.item()}.items():
-                        stats[k] = stats.get(k, 0.0) + v
+                    for name, v in {**s, "ppo/policy_loss": pg.item(), "ppo/value_loss": vf.item()}.items():
+                        stats[name] = stats.get(name, 0.0) + v
                     n_tok += rmask[micro].sum().item()
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 opt.step()

@@ -53,12 +53,8 @@ class Args:
 
 def read_chats(source: str, split: str) -> list[tuple[str, list[dict]]]:
     """(where, messages) per row, every row checked before anything is written."""
-    chats = [(where, salsa.check_messages(row.get("messages") if isinstance(row, dict) else None, where))
-             for where, row in salsa.read_rows(source, split)]
-    if ending := [where for where, m in chats if m[-1]["role"] == "user"]:
-        print(f"{source}: kept {len(ending)} conversations that end with a user turn (nothing after their "
-              f"last answer is learnt): {salsa.rows_note(ending)}")
-    return chats
+    return [(where, salsa.check_messages(row.get("messages") if isinstance(row, dict) else None, where))
+            for where, row in salsa.read_rows(source, split)]
 
 
 def hold_out(chats: list, frac: float) -> tuple[list, list]:
@@ -117,6 +113,9 @@ def main(args: Args):
     chats = read_chats(args.data, args.split)
     train, held = (chats, read_chats(args.eval_data, args.eval_split)) if args.eval_data else hold_out(chats, args.eval_frac)
     ckpt = salsa.prepare_out(args.out, args.resume)  # after the rows are checked: a bad row writes nothing
+    if ending := [where for where, m in train + held if m[-1]["role"] == "user"]:
+        salsa.log0(dist, f"kept {len(ending)} conversations that end with a user turn (nothing after their last "
+                         f"answer is learnt): {salsa.rows_note(ending)}")
     (train, dropped), (held, held_dropped) = (tokenize(tok, c, args.max_len, dist.main) for c in (train, held))
     salsa.log0(dist, f"{len(train)} train and {len(held)} held-out conversations")
     if dropped + held_dropped:
