@@ -29,16 +29,48 @@ test: setup
 recipe: setup
 	$(PY) salsa.py --out runs/recipe
 
-# Speed and memory of one PPO step on SmolLM2-135M, 8 prompts x 64 new tokens, 2 epochs
-# (the setting TRL's PPO was timed at: 86-360 s/step, 20 GB peak RSS on this 2-core machine).
+# Speed and memory of a PPO step on SmolLM2-135M fp32: the 8 Arena-Hard prompts (151-354 tokens) that
+# ../shared/bench/side_by_side.sh gives ours and TRL's PPOTrainer, every step on all 8, 64 new tokens, 2
+# epochs; then each step against its matmul bound (BOUND below). Peak RSS from /usr/bin/time.
 bench: setup
-	rm -rf $(BENCH) && mkdir -p $(BENCH)
+	rm -rf $(BENCH) && mkdir -p $(BENCH) && head -8 data/bench_prompts.jsonl > $(BENCH)/prompts8.jsonl
 	$(PY) salsa.py task --out $(BENCH)/task --task-sizes 8 16 8 8
 	$(PY) reward.py --data $(BENCH)/task/prefs.jsonl --max-steps 1 --norm-samples 0 --out $(BENCH)/rm
-	/usr/bin/time -v $(PY) ppo.py --ref sft --model $(MODEL) --reward $(BENCH)/rm --data data/bench_prompts.jsonl \
-		--max-prompt-len 402 --batch-size 8 --max-new-tokens 64 --ppo-epochs 2 --steps 2 --out $(BENCH)/ppo \
-		2>&1 | grep -E "Maximum resident|Elapsed"
-	$(PY) -c "import json; [print({k: round(v, 1) for k, v in json.loads(l).items() if k.startswith('time/') or k == 'prompt_width'}) for l in open('$(BENCH)/ppo.ckpt/metrics.jsonl')]"
+	/usr/bin/time -v $(PY) ppo.py --ref sft --model $(MODEL) --reward $(BENCH)/rm --data $(BENCH)/prompts8.jsonl \
+		--max-prompt-len 512 --batch-size 8 --max-new-tokens 64 --ppo-epochs 2 --steps 3 --save-every 1000 \
+		--out $(BENCH)/ppo 2>&1 | grep -E "Maximum resident|Elapsed"
+	$(PY) -c "$$BOUND" $(BENCH)/prompts8.jsonl $(BENCH)/ppo
+
+# The matmul bound of each logged PPO step: its FLOPs counted from the shapes (every linear layer and
+# causal attention over the real tokens; LM head on the response tokens), over the fp32 matmul rate a
+# probe measures now. Rollout 1 forward, scoring 3 (policy, reference, reward model), each PPO epoch 3
+# (forward and backward) plus the checkpointed head's recompute. The 64 decode steps are bound by
+# memory, not matmuls, so the bound is optimistic and the ratio conservative.
+define BOUND
+import json, sys, time, torch, salsa
+prompts, out = sys.argv[1], sys.argv[2]
+args = json.load(open(f"{out}/args.json"))
+c = json.load(open(f"{args['model']}/config.json"))
+d, f, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+hd = d // c["num_attention_heads"]
+layer = 2 * d * d + 2 * d * c["num_key_value_heads"] * hd + 3 * d * f
+tok = salsa.load_tokenizer(args["model"])
+lens = [len(salsa.prompt_ids(tok, r["prompt"])) for _, r in salsa.read_rows(prompts)][:args["batch_size"]]
+a, b = torch.randn(2048, d), torch.randn(d, f)
+t, n = time.perf_counter(), 0
+while time.perf_counter() - t < 3 or n < 5: a @ b; n += 1
+rate = n * 2 * 2048 * d * f / (time.perf_counter() - t)
+for m in salsa.read_jsonl(f"{out}.ckpt/metrics.jsonl"):
+    R = m["objective/response_len"]
+    fwd = sum(2 * L * layer * (p + R) + 2 * L * d * (p + R) ** 2 for p in lens)
+    head = 2 * d * V * R * len(lens)
+    flops = 4 * fwd + 3 * head + args["ppo_epochs"] * (3 * fwd + 4 * head)
+    step = m["time/rollout"] + m["time/score"] + m["time/train"]
+    print(f"step {m['step']}: {step:.1f} s = {m['time/rollout']:.1f} rollout + {m['time/score']:.1f} score + "
+          f"{m['time/train']:.1f} train; {flops / 1e12:.2f} TFLOP at {rate / 1e9:.0f} GFLOP/s (probe) = "
+          f"{flops / rate:.1f} s bound; {step / (flops / rate):.2f}x the bound")
+endef
+export BOUND
 
 # The soup of a 1.5B-parameter bf16 pair (Qwen2-1.5B shape, random init; the setting mergekit was
 # timed at: 18.5 s, 4.4 GB peak RSS). Needs ~7 GB of disk under /tmp.

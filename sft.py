@@ -138,7 +138,9 @@ def main(args: Args):
     model = salsa.load_model((dist.world == 1 and start) or args.model, tok, args.dtype, args.attn, dist.device, dist,
                              train=True, allow_pickle=args.allow_pickle)
     # eps 1e-8 and betas (0.9, 0.999): PyTorch's and the HF Trainer's defaults, which the paper's TRL runs used.
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+    # fused: one kernel over every tensor (on 2 CPU cores 0.07 s a step at 135M, the per-tensor loop 0.57 s)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay,
+                            fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: salsa.lr_lambda(s, total, warmup, args.schedule))
     flags = {k: v for k, v in asdict(args).items() if k != "resume"}
     step, log = 0, f"{ckpt}/metrics.jsonl"
