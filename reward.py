@@ -1,4 +1,4 @@
-"""Reward model: Bradley-Terry on preference pairs (SALSA eq. 1), then a normalisation bias.
+"""Reward model: Bradley-Terry on preference pairs (SALSA eq. 1), then a normalisation bias and gain.
 
     python reward.py --model models/SmolLM2-135M-Instruct --out runs/reward
     torchrun --nproc_per_node 8 reward.py --model runs/sft-0 --out runs/reward
@@ -6,10 +6,12 @@
 The model is a standard AutoModelForSequenceClassification (num_labels=1): the SFT backbone and a new
 bias-free scalar head ~ N(0, 1/sqrt(d+1)) (Stiennon et al. 2020: rewards start at about unit scale),
 read by salsa.reward_scores at the EOS closing the response. Each side of a pair is tokenised as what
-PPO scores: prompt_ids(prompt) + response + EOS. The normalisation bias is stored in config.json as
-`reward_bias`, so one directory holds everything: the mean raw reward of --norm-samples responses of
-the initial SFT model, sampled like PPO's first rollouts (--norm-temperature = ppo.py's 0.7), so PPO
-starts at reward 0 (Ziegler et al. 2019); with --norm-samples 0, the mean over held-out chosen+rejected.
+PPO scores: prompt_ids(prompt) + response + EOS. The normalisation is stored in config.json as
+`reward_bias` and `reward_gain`, so one directory holds everything: the mean and 1/std of the raw
+rewards of --norm-samples responses of the initial SFT model, sampled like PPO's first rollouts
+(--norm-temperature = ppo.py's 0.7), so PPO starts at reward 0 with unit spread (Ziegler et al. 2019
+normalise both) and a β means the same for every reward model; with --norm-samples 0, the mean and
+spread over held-out chosen+rejected. A BT model's scale is arbitrary (eq. 1 sees only differences).
 
 Departures: pairs longer than --max-len are dropped, not truncated (a cut response has no EOS, so the
 head would learn to score text PPO never shows it); no warmup (App. A.2 names only linear decay);
@@ -50,7 +52,7 @@ class Args:
     eval_every: int = salsa.arg(500, "held-out evaluation every N steps (0: only at the end)")
     save_every: int = salsa.arg(500, "steps between resumable checkpoints in OUT.ckpt (the 2 newest are kept; 0: none)")
     resume: bool = salsa.arg(False, "continue from the newest checkpoint in OUT.ckpt, with the same flags")
-    norm_samples: int = salsa.arg(64, "SFT responses whose mean raw reward becomes the bias (0: held-out pairs)")
+    norm_samples: int = salsa.arg(64, "SFT responses whose raw rewards set the bias and gain (0: held-out pairs)")
     norm_max_new_tokens: int = salsa.arg(64, "max new tokens of each normalisation response")
     norm_temperature: float = salsa.arg(0.7, "sampling temperature of the normalisation responses, ppo.py's "
                                         "--temperature (0: greedy)")
@@ -109,7 +111,7 @@ def init_reward_model(args, tok, checkpoint: str | None = None):
                                args.allow_pickle, num_labels=1)
     if len(tok) > rm.get_input_embeddings().weight.shape[0]:
         rm.resize_token_embeddings(len(tok))
-    rm.config.pad_token_id, rm.config.reward_bias = tok.pad_token_id, 0.0
+    rm.config.pad_token_id, rm.config.reward_bias, rm.config.reward_gain = tok.pad_token_id, 0.0, 1.0
     if not checkpoint:  # the same head on every rank: a generator of its own, not the rank-offset global seed
         torch.nn.init.normal_(rm.score.weight, std=1 / math.sqrt(rm.score.in_features + 1),
                               generator=torch.Generator().manual_seed(args.seed))
@@ -150,17 +152,20 @@ def evaluate(rm, pairs: list[tuple], args, dist) -> dict:
     """Accuracy (r_w > r_l), mean margin, loss and mean reward over the held-out pairs, summed over ranks.
     Every rank makes the same number of forwards (FSDP gathers in each): a rank out of pairs scores
     the first pair again and drops it."""
-    stats, mine = torch.zeros(5, device=dist.device), pairs[dist.rank::dist.world]
+    stats, mine = torch.zeros(6, device=dist.device), pairs[dist.rank::dist.world]
     for i in tqdm(range(0, math.ceil(len(pairs) / dist.world), args.micro_batch), desc="eval", leave=False,
                   disable=not dist.main):
         part = mine[i:i + args.micro_batch]
         r_w, r_l = pair_rewards(rm, part or pairs[:1], dist.device)
         if part:
             stats += torch.stack([(r_w > r_l).sum(), (r_w - r_l).sum(), bt_loss(r_w, r_l) * len(r_w),
-                                  (r_w + r_l).sum(), torch.tensor(len(r_w), device=dist.device)]).float()
-    correct, margin, loss, reward, n = salsa.all_sum(stats, dist).tolist()
-    return {"eval/accuracy": correct / n, "eval/margin": margin / n, "eval/loss": loss / n,
-            "eval/reward_mean": reward / (2 * n), "eval/pairs": int(n)}
+                                  (r_w + r_l).sum(), (r_w ** 2 + r_l ** 2).sum(),
+                                  torch.tensor(len(r_w), device=dist.device)]).float()
+    correct, margin, loss, reward, square, n = salsa.all_sum(stats, dist).tolist()
+    mean = reward / (2 * n)
+    return {"eval/accuracy": correct / n, "eval/margin": margin / n, "eval/loss": loss / n, "eval/reward_mean": mean,
+            "eval/reward_std": math.sqrt(max(square / (2 * n) - mean ** 2, 0.0) * 2 * n / max(2 * n - 1, 1)),
+            "eval/pairs": int(n)}
 
 
 def main(args: Args):
@@ -233,14 +238,18 @@ def main(args: Args):
             salsa.save_checkpoint(ckpt, step + 1, rm, tok, state, dist=dist)
 
     final = evaluate(rm, held_out, args, dist)
-    with torch.no_grad():  # rm.config.reward_bias is still 0: these are raw rewards
-        raw = [salsa.reward_scores(rm, *salsa.pad([s], tok.pad_token_id, device=dist.device)).item() for _, s in refs]
-    rm.config.reward_bias = sum(raw) / len(raw) if refs else final["eval/reward_mean"]
-    metrics = final | {"step": total, "norm/bias": rm.config.reward_bias, "train/pairs": len(train),
+    with torch.no_grad():  # rm.config.reward_bias is 0 and reward_gain 1 still: these are raw rewards
+        raw = torch.tensor([salsa.reward_scores(rm, *salsa.pad([s], tok.pad_token_id, device=dist.device)).item()
+                            for _, s in refs])
+    mean, std = (raw.mean().item(), raw.std().item() if len(raw) > 1 else 0.0) if len(raw) else (
+        final["eval/reward_mean"], final["eval/reward_std"])
+    rm.config.reward_bias = mean
+    rm.config.reward_gain = 1 / std if std > 0 else 1.0  # one sample has no spread: the gain stays 1
+    metrics = final | {"step": total, "norm/bias": mean, "norm/gain": rm.config.reward_gain, "train/pairs": len(train),
                        "norm/source": f"{len(refs)} SFT samples" if refs else "held-out chosen+rejected"}
     salsa.log0(dist, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     samples = [{"prompt": tok.decode(p), "response": tok.decode(s[len(p):]), "ids": s,
-                "reward": r - rm.config.reward_bias} for (p, s), r in zip(refs, raw)]
+                "reward": (r - mean) * rm.config.reward_gain} for (p, s), r in zip(refs, raw.tolist())]
     if dist.main:
         salsa.log_jsonl(log, metrics)
     salsa.save_model(args.out, rm, tok, files={"metrics.json": metrics, "norm_samples.json": samples}, dist=dist)

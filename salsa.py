@@ -757,7 +757,8 @@ def read_jsonl(path: str) -> list[dict]:
 def load_reward_model(path: str, dtype: str = "float32", attn: str = "sdpa", device="cpu", dist: Dist | None = None,
                       allow_pickle: bool = False):
     """A reward model saved by reward.py: a standard AutoModelForSequenceClassification (num_labels=1)
-    directory whose config.json also carries `reward_bias`, the normalisation reward_scores subtracts.
+    directory whose config.json also carries `reward_bias` and `reward_gain` (1 if absent), the
+    normalisation reward_scores applies.
     Eval mode, dropout off, sharded under torchrun; freezing it (requires_grad) is the caller's choice."""
     from transformers import AutoModelForSequenceClassification
 
@@ -766,6 +767,8 @@ def load_reward_model(path: str, dtype: str = "float32", attn: str = "sdpa", dev
         if rm.config.num_labels != 1 or not isinstance(getattr(rm.config, "reward_bias", None), (int, float)):
             raise InputError(f"{path}: a reward model needs num_labels=1 and a numeric `reward_bias` in config.json "
                              "(train it with reward.py, or add \"reward_bias\": 0.0 to use its raw scores)")
+        if not isinstance(gain := getattr(rm.config, "reward_gain", 1.0), (int, float)) or not 0 < gain < float("inf"):
+            raise InputError(f"{path}: `reward_gain` in config.json is {gain!r}, expected a positive number")
         disable_dropout(rm)
         return rm
     return distribute(build, dist or Dist(device=torch.device(device))).eval()
@@ -773,7 +776,8 @@ def load_reward_model(path: str, dtype: str = "float32", attn: str = "sdpa", dev
 
 def reward_scores(rm, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Normalised reward (B,) in fp32: the scalar head on the last real token (the last mask == 1,
-    i.e. the EOS closing the response), minus config.reward_bias. Rows may be padded on both sides.
+    i.e. the EOS closing the response), minus config.reward_bias, times config.reward_gain (1 for a
+    model from before the gain). Rows may be padded on both sides.
 
     HF's own forward is not used: it finds the last token by comparing ids with pad_token_id (wrong
     if a real token shares that id) and gives left-padded rows shifted positions."""
@@ -781,7 +785,8 @@ def reward_scores(rm, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)  # (B,)
     h_last = h[torch.arange(h.shape[0], device=h.device), last]  # (B, d)
     # the head in fp32, so a bf16 model's rewards are not rounded to 8 mantissa bits
-    return F.linear(h_last.float(), rm.score.weight.float()).squeeze(-1) - rm.config.reward_bias
+    raw = F.linear(h_last.float(), rm.score.weight.float()).squeeze(-1)
+    return (raw - rm.config.reward_bias) * getattr(rm.config, "reward_gain", 1.0)
 
 
 # ---------------------------------------------------------------- the recipe's task: checkable instructions

@@ -85,6 +85,8 @@ def test_reward_scores_ignore_padding_on_both_sides(tiny, tok):
         torch.testing.assert_close(salsa.reward_scores(rm, scrambled, mask), alone, atol=1e-5, rtol=1e-5)
         rm.config.reward_bias = 0.75
         torch.testing.assert_close(salsa.reward_scores(rm, ids, mask), alone - 0.75, atol=1e-5, rtol=1e-5)
+        rm.config.reward_gain = 2.5  # the gain scales after the bias is taken off
+        torch.testing.assert_close(salsa.reward_scores(rm, ids, mask), (alone - 0.75) * 2.5, atol=1e-5, rtol=1e-5)
 
 
 def test_reward_end_to_end(trained, tok):
@@ -105,14 +107,16 @@ def test_reward_end_to_end(trained, tok):
     assert len(samples) == 12
     with torch.no_grad():
         scores = torch.cat([salsa.reward_scores(rm, *salsa.pad([s["ids"]], tok.pad_token_id)) for s in samples])
-    assert abs(scores.mean().item()) < 1e-4  # normalised: the SFT samples average 0
+    assert abs(scores.mean().item()) < 1e-4  # normalised: the SFT samples average 0 with a spread of 1
+    assert scores.std().item() == pytest.approx(1.0, abs=1e-4) and rm.config.reward_gain != 1.0
+    assert metrics["norm/gain"] == pytest.approx(rm.config.reward_gain)
     torch.testing.assert_close(scores, torch.tensor([s["reward"] for s in samples]), atol=1e-4, rtol=0)
 
     hf = AutoModelForSequenceClassification.from_pretrained(str(tmp / "rm"))  # any tool can load it
     ids = torch.tensor([samples[0]["ids"]])
     with torch.no_grad():
         raw = hf(input_ids=ids).logits[0, 0].item()
-    assert raw - hf.config.reward_bias == pytest.approx(scores[0].item(), abs=1e-4)
+    assert (raw - hf.config.reward_bias) * hf.config.reward_gain == pytest.approx(scores[0].item(), abs=1e-4)
 
 
 def test_reward_two_ranks_match_one(trained, tiny):
@@ -146,7 +150,7 @@ def test_resume_after_kill_gives_the_uninterrupted_run(trained, tiny):
     assert steps == list(range(1, 17)) + [16]  # the last row is the final evaluation
 
 
-def test_norm_fallback_centres_held_out_pairs(tiny, tok, tmp_path):
+def test_norm_fallback_standardises_held_out_pairs(tiny, tok, tmp_path):
     _, metrics = run_reward(tiny, tmp_path, tmp_path / "rm", "--norm-samples", "0", "--max-steps", "2")
     assert metrics["norm/source"] == "held-out chosen+rejected"
     assert not json.loads((tmp_path / "rm" / "norm_samples.json").read_text())
@@ -154,7 +158,8 @@ def test_norm_fallback_centres_held_out_pairs(tiny, tok, tmp_path):
     held = [reward.tokenize_pair(tok, json.loads(line), "eval") for line in open(tmp_path / "eval.jsonl")]
     with torch.no_grad():
         r_w, r_l = reward.pair_rewards(rm, held, "cpu")
-    assert abs(torch.cat([r_w, r_l]).mean().item()) < 1e-4
+    both = torch.cat([r_w, r_l])
+    assert abs(both.mean().item()) < 1e-4 and both.std().item() == pytest.approx(1.0, abs=1e-4)
 
 
 def test_pairs_without_a_preference_are_dropped_and_named(tok, tmp_path, capsys):
