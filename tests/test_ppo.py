@@ -1,5 +1,6 @@
 """ppo.py end to end and its invariants, on tiny random-init models (STYLE tiers a, c, d)."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,9 +19,9 @@ PROMPTS = ["Say yes or no.", "Is the sky blue?", "Answer with one word: are cats
            "Yes or no: is water wet?", "Is two more than one?", "Reply yes or no, please, right now.", "Ok?"]
 
 
-def run(script, *args, check=True):
+def run(script, *args, check=True, env=None):
     proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+                          cwd=ROOT, timeout=300, env=env and {**os.environ, **env})
     if check and proc.returncode:
         raise AssertionError(f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -131,15 +132,27 @@ def test_saved_policy_answers_greedily_whatever_the_seed(setup, tok):
 
 
 def test_kl_is_zero_for_sft_and_positive_for_soup_and_mkl_is_the_mean(setup):
+    """Also KL(π‖π_init), the same quantity for every reference, and the gold judge on the rollouts."""
     d = setup["dir"]
-    run("ppo.py", *ppo_args(setup, d / "k_sft", "--ref", "sft", "--model", setup["a"], "--steps", 1))
-    run("ppo.py", *ppo_args(setup, d / "k_soup", "--ref", "soup", "--soup-models", setup["a"], setup["b"], "--steps", 1))
+    run("ppo.py", *ppo_args(setup, d / "k_sft", "--ref", "sft", "--model", setup["a"], "--steps", 2,
+                            "--kl-estimator", "k3", "--gold", "py:tests.goldprobe:score"), env={"GOLD_LOG": d / "gold"})
+    run("ppo.py", *ppo_args(setup, d / "k_soup", "--ref", "soup", "--soup-models", setup["a"], setup["b"], "--steps", 2))
     run("ppo.py", *ppo_args(setup, d / "k_other", "--ref", "soup", "--model", setup["a"], "--soup", setup["b"],
                             "--steps", 1))
     run("ppo.py", *ppo_args(setup, d / "k_mkl", "--ref", "mkl", "--soup-models", setup["a"], setup["b"], "--steps", 1))
     sft, soup, other, mkl = (first_row(d / n) for n in ("k_sft", "k_soup", "k_other", "k_mkl"))
     assert sft["objective/kl"] == 0.0
     assert soup["objective/kl"] > 0.0
+    # KL to init: 0 while π = π_init (step 1) whatever the reference, then the k1 estimate of the policy's drift
+    assert [r["objective/kl_init"] for r in (sft, soup, other, mkl)] == [0.0] * 4
+    sft2, soup2 = (salsa.read_jsonl(f"{d / n}.ckpt/metrics.jsonl")[1] for n in ("k_sft", "k_soup"))
+    assert soup2["objective/kl_init"] != 0.0 and soup2["objective/kl_init"] != soup2["objective/kl"]
+    assert sft2["objective/kl"] != sft2["objective/kl_init"] != 0.0  # the reference's KL is k3 here, kl_init k1
+    judged = salsa.read_jsonl(str(d / "gold"))  # the gold judge saw each rollout's prompt as given and its text
+    assert len(judged) == 8 and {j["prompt"] for j in judged} <= set(PROMPTS)
+    samples = salsa.read_jsonl(f"{d / 'k_sft'}.ckpt/samples.jsonl")  # step 1's 4 rollouts, in batch order
+    assert [j["response"] for j in judged[:4]] == [s["response"].strip() for s in samples]
+    assert sft["objective/gold"] == pytest.approx(sum(len(j["response"].split()) for j in judged[:4]) / 4)
     assert sft["objective/response_len"] == soup["objective/response_len"]  # same seed, same samples
     # eq. 5: 1/2·KL(π‖π_a) + 1/2·KL(π‖π_b), and KL(π‖π_a) = 0 at step 0 since π = π_a
     assert mkl["objective/kl"] == pytest.approx(0.5 * other["objective/kl"], rel=1e-5)
@@ -184,9 +197,10 @@ def test_frozen_models_in_bf16(setup, tok):
     args = salsa.parse_args(ppo.Args, ["--ref", "mkl", "--soup-models", setup["a"], setup["b"], "--reward",
                                        setup["rm"], "--frozen-dtype", "bfloat16"])
     ppo.check_args(args)
-    refs = ppo.load_references(args, tok, salsa.Dist())
+    refs, init = ppo.load_references(args, tok, salsa.Dist())
     assert [r.dtype for r, _ in refs] == [torch.bfloat16] * 2 and not any(p.requires_grad for r, _ in refs
                                                                            for p in r.parameters())
+    assert init is refs[0][0]  # mkl's first reference is the policy's init: KL(π‖π_init) needs no third model
     ids, mask = salsa.pad([salsa.prompt_ids(tok, "Hi") + [5, 6, tok.eos_token_id]], tok.pad_token_id)
     logp, _, _ = ppo.response_logprobs(refs[0][0], ids, mask, ids.shape[1] - 3, 0.7)
     assert logp.dtype == torch.float32
@@ -242,3 +256,18 @@ def test_learns_a_trivial_preference(setup, tok):
     assert sum(kl[-5:]) / 5 > 0.2, kl
     last = [s["response"] for s in salsa.read_jsonl(d / "ppo.ckpt" / "samples.jsonl") if s["step"] == 30]
     assert last.count("yes") >= 3, last
+
+
+def test_value_head_has_its_own_learning_rate(setup):
+    """One Adam step moves every weight by at most its lr (by about lr where the gradient is not tiny):
+    the value head by --value-lr, the policy by --lr."""
+    from safetensors.torch import load_file
+    d = setup["dir"]
+    run("ppo.py", *ppo_args(setup, d / "vlr", "--ref", "sft", "--model", setup["a"], "--steps", 1, "--ppo-epochs", 1,
+                            "--lr", 1e-6, "--value-lr", 1e-2, "--max-grad-norm", 1e9))
+    head = load_file(d / "vlr" / "value_head.safetensors")  # from zero
+    moved = max(v.abs().max().item() for v in head.values())
+    assert 0.5e-2 < moved <= 1.0001e-2
+    before, after = load_file(Path(setup["a"]) / "model.safetensors"), load_file(d / "vlr" / "model.safetensors")
+    moved = max((after[k] - before[k]).abs().max().item() for k in before)
+    assert 0 < moved <= 1.2e-6  # plus rounding: a norm weight near 1 moves in steps of 1.2e-7

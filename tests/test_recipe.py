@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT, make_tiny
 
 import salsa
 
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.mark.parametrize("kind, value, answer, ok", [
     ("include", "quiet", "A quiet morning.", True),
@@ -84,17 +86,26 @@ def test_task_files(tmp_path, tok):
     assert same == [True, True, False, False]
 
 
-def test_recipe_end_to_end(tmp_path, tok):
-    """`python salsa.py` with toy sizes: every stage, results.md, and a rerun that skips what is done."""
+TOY = ["--task-sizes", "16", "16", "16", "8", "--sft-steps", "2", "--rm-steps", "2", "--norm-samples", "4",
+       "--max-new-tokens", "8", "--alphas", "0", "1", "--alpha-limit", "4"]
+
+
+@pytest.fixture(scope="module")
+def toy_recipe(tmp_path_factory, tok):
+    """The recipe with toy sizes on a tiny model: (command, its result, OUT); the study test reuses OUT."""
     pytest.importorskip("matplotlib")
-    model = make_tiny(tmp_path / "tiny", tok)
-    cmd = [sys.executable, str(ROOT / "salsa.py"), "--model", model, "--out", str(tmp_path / "r"),
-           "--task-sizes", "16", "16", "16", "8", "--sft-steps", "2", "--rm-steps", "2", "--norm-samples", "4",
-           "--ppo-steps", "1", "--max-new-tokens", "8", "--alphas", "0", "1", "--alpha-limit", "4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    tmp = tmp_path_factory.mktemp("recipe")
+    model = make_tiny(tmp / "tiny", tok)
+    cmd = [sys.executable, str(ROOT / "salsa.py"), "--model", model, "--out", str(tmp / "r"), *TOY, "--ppo-steps", "1"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    r = tmp_path / "r"
+    return cmd, res, tmp / "r"
+
+
+def test_recipe_end_to_end(toy_recipe):
+    """`python salsa.py` with toy sizes: every stage, results.md, and a rerun that skips what is done."""
+    cmd, res, r = toy_recipe
+    env = ONE_THREAD
     for stage in ("sft-seed1", "sft-seed2", "soup", "rm", "ppo", "salsa"):
         assert (r / stage / "config.json").exists(), stage
     assert "ppo.py --ref soup --soup" in res.stdout and "--init-kl-coef 0.01" in res.stdout  # printed, copyable
@@ -164,3 +175,49 @@ def test_recipe_refuses_unknown_ablation_before_any_work(tmp_path):
                           "dpo"], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert res.returncode != 0 and "expected some of gibberish, kl-hack, mkl, soup3" in res.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_study_end_to_end(toy_recipe):
+    """`python salsa.py study` with toy sizes in the recipe's folder (its SFT models, soup and reward model
+    are reused, as a study after a recipe would): the grid of paired runs, report.md with its comparison,
+    table, premise and plots, from what the stages wrote."""
+    recipe_cmd, _, s = toy_recipe
+    cmd = [*recipe_cmd[:2], "study", *recipe_cmd[2:-2], "--ppo-steps", "2", "--betas", "0.01", "0.2",
+           "--seeds", "3", "--boot", "200"]  # one seed, not the default, keeps CI short
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env=ONE_THREAD)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.stdout.count("skipped: ") == 6  # task, the SFT pair, the soup, the reward model, the alpha line
+    runs = [f"{m}-beta{b}-seed3" for m in ("ppo", "salsa") for b in ("0.01", "0.2")]
+    logs = {n: salsa.read_jsonl(s / f"{n}.ckpt" / "metrics.jsonl") for n in runs}
+    for n, log in logs.items():  # fixed β, KL to init and gold logged on every step
+        assert [r["kl_coef"] for r in log] == [float(n.split("beta")[1].split("-")[0])] * 2, n
+        assert all("objective/kl_init" in r and 0 <= r["objective/gold"] <= 1 for r in log), n
+    for b in ("0.01", "0.2"):  # paired: one seed gives both methods the same first rollouts
+        first = [logs[f"{m}-beta{b}-seed3"][0] for m in ("ppo", "salsa")]
+        assert first[0]["objective/gold"] == first[1]["objective/gold"]
+        assert first[0]["objective/response_len"] == first[1]["objective/response_len"]
+        assert first[0]["objective/score"] == first[1]["objective/score"] and first[0]["objective/kl"] == 0.0
+    md = (s / "report.md").read_text()
+    for text in ("β chosen on dev: PPO", "- Gold score difference, SALSA − PPO:", "| ppo | 0.01 |", "| salsa | 0.2 |",
+                 "- gold, soup − sft:", "- rm, soup − sft-seed2:", "| 1.00 |", "Last sampled rollouts of ppo-beta0.01-seed3"):
+        assert text in md, text
+    assert "eval.py judge" not in res.stdout  # gold scores per question, no pairwise verdicts
+    questions = salsa.read_jsonl(s / "data" / "eval.jsonl")  # the table's gold columns, from the files alone
+    answer = {r["question_id"]: r["choices"][0]["turns"][0]
+              for r in salsa.read_jsonl(s / "answers" / "ppo-beta0.2-seed3.jsonl")}
+    gold = [sum(salsa.gold_score(q["prompt"], answer[q["prompt_id"]]) for q in half) / len(half)
+            for half in (questions[0::2], questions[1::2])]  # dev (even rows), test (odd rows)
+    cells = next(line for line in md.splitlines() if line.startswith("| ppo | 0.2 |")).split("|")
+    assert cells[3].strip() == f"{gold[0]:.3f}" and cells[4].strip().startswith(f"{gold[1]:.3f} [")
+    for png in ("frontier.png", "curves.png"):
+        assert (s / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bootstrap_resamples_questions_and_seeds():
+    """Means of two values resampled with replacement are 0, 1/2 or 1; the interval spans [0, 1] whether
+    the values differ by question (seed rows equal) or by seed (question columns equal)."""
+    assert salsa.bootstrap(torch.tensor([[0.0, 1.0]]), 4000) == (0.5, 0.0, 1.0)
+    assert salsa.bootstrap(torch.tensor([[0.0, 0.0], [1.0, 1.0]]), 4000) == (0.5, 0.0, 1.0)
+    assert salsa.bootstrap(torch.full((3, 5), 0.25), 100) == (0.25, 0.25, 0.25)
+    mean, lo, hi = salsa.bootstrap(torch.arange(40.0).view(2, 20), 4000)
+    assert mean == 19.5 and 4 < lo < 12 and 27 < hi < 35  # a quarter of the resamples hold seed 0 twice (mean 9.5)
