@@ -430,6 +430,7 @@ def main(args: Args):
             "ppo/grad_norm_last": salsa.full(grad_norm).item(),  # the last minibatch's, before clipping
             "val/explained_var": (1 - torch.var((returns - old_values)[rmask > 0]) / torch.var(returns[rmask > 0])).item(),
             "lr": lr, "prompt_width": P, "time/rollout": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2,
+            "mem/peak_gb": salsa.peak_memory_gb(dist.device),
         }
         if dist.world > 1:  # means of the ranks' values (exact for per-sequence means: equal rows per rank)
             names = [k for k in metrics if k not in ("step", "prompt_width")]  # the width: rank 0's rows

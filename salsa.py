@@ -781,6 +781,14 @@ def set_rng_state(state, dist: Dist = Dist()):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def peak_memory_gb(device) -> float:
+    """This process's peak memory so far, GB: the CUDA allocator's on a GPU, the resident set on a CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports kB
+
+
 def log_jsonl(path: str, row: dict):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:

@@ -174,7 +174,8 @@ def main(args: Args):
         opt.zero_grad(set_to_none=True)
         row = {"step": step + 1, "train/loss": salsa.all_sum(nll, dist).item() / n_tok, "train/lr": lr,
                "train/grad_norm": salsa.full(grad_norm).item(),
-               "train/tokens_per_s": sum(len(ids) for ids, _ in batch) / (time.time() - t0)}  # prompts included
+               "train/tokens_per_s": sum(len(ids) for ids, _ in batch) / (time.time() - t0),  # prompts included
+               "mem/peak_gb": salsa.peak_memory_gb(dist.device)}
         if held and (args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == total):
             row["eval/loss"] = eval_loss(model, held, micro, tok.pad_token_id, dist)
         bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{row['train/tokens_per_s']:.0f}")

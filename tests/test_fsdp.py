@@ -184,7 +184,7 @@ def test_ppo_under_torchrun_and_its_resume(tiny, tok, tmp_path):
         res = subprocess.run(list(map(str, cmd + list(extra))), cwd=ROOT, capture_output=True, text=True, timeout=180,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert res.returncode == 0, res.stderr[-3000:]
-        rows = [{k: v for k, v in r.items() if not k.startswith("time/")}
+        rows = [{k: v for k, v in r.items() if not k.startswith(("time/", "mem/"))}
                 for r in salsa.read_jsonl(f"{out}.ckpt/metrics.jsonl")]
         return rows, load_file(out / "model.safetensors"), load_file(out / "value_head.safetensors")
 
@@ -232,7 +232,7 @@ def test_ppo_update_under_fsdp_equals_one_process(tiny, tok, tmp_path):
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert res.returncode == 0, res.stderr[-3000:]
         rows[n] = {k: v for k, v in salsa.read_jsonl(f"{out}.ckpt/metrics.jsonl")[0].items()
-                   if not k.startswith("time/") and k != "prompt_width"}  # timings; rank 0's rows are narrower
+                   if not k.startswith(("time/", "mem/")) and k != "prompt_width"}  # timings; rank 0's rows are narrower
         weights[n] = load_file(out / "model.safetensors") | {f"v_head.{k}": v for k, v in
                                                               load_file(out / "value_head.safetensors").items()}
     assert rows[1]["objective/kl"] > 0 and rows[1].keys() == rows[2].keys()

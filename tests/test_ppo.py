@@ -220,7 +220,7 @@ def test_resume_after_kill_gives_identical_metrics(setup):
     proc.wait()
     assert not (d / "cut").exists(), "the run finished before it could be killed"
     run("ppo.py", *cut, "--resume")
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time/", "mem/"))} for r in rows]
     full_rows = {r["step"]: r for r in strip(salsa.read_jsonl(d / "full.ckpt" / "metrics.jsonl"))}
     cut_rows = strip(salsa.read_jsonl(d / "cut.ckpt" / "metrics.jsonl"))  # steps redone after the kill: once
     assert sorted(full_rows) == [r["step"] for r in cut_rows] == list(range(1, 7))

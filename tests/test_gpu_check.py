@@ -1,0 +1,27 @@
+"""`make gpu-check` on a machine without CUDA: the same script on tiny models on the CPU, so it cannot rot."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_gpu_check_runs_on_cpu(tmp_path):
+    out = tmp_path / "gc"
+    res = subprocess.run([sys.executable, str(ROOT / "tests" / "gpu_check.py"), "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    r = json.loads((out / "report.json").read_text())
+    assert r["device"] == "CPU" and r["sft"]["tokens_per_s"] > 0 and 0 < r["sft"]["mfu_probe"]
+    assert set(r["ppo"]) == {"tiny2 float32", "tiny2 bfloat16", "tiny float32"}
+    for v in r["ppo"].values():  # random-init models never stop early: every rollout has all 16 tokens
+        assert v["response_len"] == 16 and 0 < v["rollout_share"] < 1 and v["peak_gb"] > 0
+        assert abs(v["step_s"] - v["rollout_s"] - v["score_s"] - v["train_s"]) < 1e-6
+    plan = r["memory_plan"]
+    assert plan["tiny2"]["params"] > plan["tiny"]["params"] and plan["7.24b_formula_gb"] == 20 * 7.24e9 / 2**30
+    md = (out / "report.md").read_text()
+    assert "# GPU check" in md and "| tiny2 bfloat16 |" in md
+    again = subprocess.run([sys.executable, str(ROOT / "tests" / "gpu_check.py"), "--out", str(out)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode != 0 and "exists" in again.stderr  # nothing overwritten
