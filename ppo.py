@@ -319,7 +319,7 @@ def main(args: Args):
     resume_from = salsa.latest_checkpoint(ckpt_dir) if args.resume else None
     state = salsa.load_trainer_state(resume_from, dist) if resume_from else None
     # a sharded (torchrun) checkpoint holds no HF weights: load_optimizer_state restores them
-    policy = PolicyWithValue(salsa.load_model((dist.world == 1 and resume_from) or args.model, tok, **kw, train=True,
+    policy = PolicyWithValue(salsa.load_model((not dist.sharded and resume_from) or args.model, tok, **kw, train=True,
                                               allow_pickle=args.allow_pickle))
     if state:
         policy.v_head.load_state_dict(state["v_head"])

@@ -110,6 +110,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    sharded: bool = False  # under torchrun, 1 process included: every model goes through FSDP2
 
     @property
     def main(self) -> bool:
@@ -117,12 +118,13 @@ class Dist:
 
 
 def setup_dist(seed: int) -> Dist:
-    """No-op in one process; under torchrun reads RANK/WORLD_SIZE/LOCAL_RANK (nanoGPT style).
+    """No-op in one process; under torchrun reads RANK/WORLD_SIZE/LOCAL_RANK (nanoGPT style) and
+    shards, also at --nproc_per_node 1 (the FSDP2 path on one GPU: bf16 compute, sharded checkpoints).
     Device from the environment: CUDA if present (nccl), else CPU (gloo). Seeds with seed + rank."""
     cuda = torch.cuda.is_available()
     d = Dist()
     if "RANK" in os.environ:
-        d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+        d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), sharded=True)
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     d.device = torch.device(f"cuda:{d.local_rank}") if cuda else torch.device("cpu")
     if cuda:
@@ -154,7 +156,7 @@ def distribute(build, dist: Dist, train: bool = False):
     weights and buffers (RoPE's inv_freq is in no state dict) are broadcast into the shards. An InputError
     of rank 0's build is raised on every rank (the others would wait for its weights for ever)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    if dist.world == 1:
+    if not dist.sharded:
         return build().to(dist.device)
     full, spec = None, [None]
     if dist.main:
@@ -190,7 +192,7 @@ def shard(model, dist: Dist, train: bool = False):
     global counts). CUDA: bf16 compute, fp32 master weights and reduce."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     from transformers.modeling_layers import GradientCheckpointingLayer
-    if dist.world == 1:
+    if not dist.sharded:
         return model
     mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if dist.device.type == "cuda" else MixedPrecisionPolicy()
     if train and hasattr(model, "gradient_checkpointing_enable"):
@@ -237,9 +239,9 @@ def full_state_dict(model, dist: Dist) -> dict:
     only, as save_pretrained writes it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-    if dist.world > 1:
+    if dist.sharded:
         reshard(model)
-    state = model.state_dict() if dist.world == 1 else \
+    state = model.state_dict() if not dist.sharded else \
         get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v for k, v in state.items() if k not in tied}
 
@@ -266,7 +268,7 @@ class Sharded:
 def optimizer_state(model, opt, dist: Dist):
     """opt.state_dict(); under FSDP the Sharded state of `model` (the module `opt` trains) and `opt`."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    if dist.world == 1:
+    if not dist.sharded:
         return opt.state_dict()
     reshard(model)
     return Sharded(dict(zip(("model", "optim"), get_state_dict(model, opt))))
@@ -277,7 +279,7 @@ def load_optimizer_state(model, opt, state, dist: Dist):
     weights of `model` from the checkpoint's shards (a sharded checkpoint has no HF weights)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    if dist.world == 1:
+    if not dist.sharded:
         return opt.load_state_dict(state)
     reshard(model)
     shards = dict(zip(("model", "optim"), get_state_dict(model, opt)))  # the layout dcp.load fills in place
@@ -406,7 +408,7 @@ def load_model(path: str, tok=None, dtype: str = "float32", attn: str = "sdpa", 
                train: bool = False, allow_pickle: bool = False):
     """A causal LM from a local directory or hub name, dropout off (RL needs the rollout and the
     training forward to be the same function), pad id set from the tokenizer. Under torchrun
-    (`dist.world > 1`) it comes back sharded by `distribute`, `train` saying it will be trained.
+    it comes back sharded by `distribute`, `train` saying it will be trained.
 
     Its own generation_config.json is dropped for a blank one: transformers merges a model's
     settings (do_sample, top_p, repetition_penalty, ...) into every config passed to generate, so a
@@ -695,7 +697,7 @@ def save_model(out: str, model, tok, files: dict | None = None, dist: Dist = Dis
     """An HF directory `transformers` loads: safetensors weights, config, tokenizer, and extra
     json files (metrics, reward normalisation, ...) given as {name: object}. Under FSDP every rank
     calls it (the weights are gathered) and rank 0 writes."""
-    state = full_state_dict(model, dist) if dist.world > 1 else None
+    state = full_state_dict(model, dist) if dist.sharded else None
 
     def write(tmp):
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
@@ -714,7 +716,7 @@ def save_checkpoint(ckpt_dir: str, step: int, model, tok, state: dict, keep: int
     import torch.distributed.checkpoint as dcp
     path = Path(ckpt_dir) / f"step-{step:08d}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    if dist.world == 1:
+    if not dist.sharded:
         save_atomic(str(path), lambda tmp: (model.save_pretrained(tmp, safe_serialization=True),
                                             tok.save_pretrained(tmp), torch.save(state, Path(tmp, "trainer_state.pt"))))
     else:
@@ -740,8 +742,8 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
 def load_trainer_state(path: str, dist: Dist = Dist()) -> dict:
     """trainer_state.pt of a checkpoint; its Sharded entry (FSDP) comes back pointing at the shards."""
     state = torch.load(Path(path, "trainer_state.pt"), map_location="cpu", weights_only=False, mmap=True)
-    if any(isinstance(v, Sharded) for v in state.values()) != (dist.world > 1):
-        raise ValueError(f"{path}: written {'by one process' if dist.world > 1 else 'sharded, under torchrun'}: "
+    if any(isinstance(v, Sharded) for v in state.values()) != (dist.sharded):
+        raise ValueError(f"{path}: written {'by one process' if dist.sharded else 'sharded, under torchrun'}: "
                          "resume it the same way, with the same number of ranks")
     return {k: Sharded(path) if isinstance(v, Sharded) else v for k, v in state.items()}
 

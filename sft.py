@@ -135,7 +135,7 @@ def main(args: Args):
     start = salsa.latest_checkpoint(ckpt) if args.resume else None
     state = salsa.load_trainer_state(start, dist) if start else None
     # a sharded (torchrun) checkpoint holds no HF weights: load_optimizer_state restores them
-    model = salsa.load_model((dist.world == 1 and start) or args.model, tok, args.dtype, args.attn, dist.device, dist,
+    model = salsa.load_model((not dist.sharded and start) or args.model, tok, args.dtype, args.attn, dist.device, dist,
                              train=True, allow_pickle=args.allow_pickle)
     # eps 1e-8 and betas (0.9, 0.999): PyTorch's and the HF Trainer's defaults, which the paper's TRL runs used.
     # fused: one kernel over every tensor (on 2 CPU cores 0.07 s a step at 135M, the per-tensor loop 0.57 s)

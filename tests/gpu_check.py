@@ -15,11 +15,12 @@ models/):
   them a plain bf16 forward and backward of the same tokens, to show where the time goes;
 - memory plan: the PPO peak at two sizes against the per-GPU formula at world size 1 (16 B/param for
   the policy, 2 B/param for each bf16 frozen model), and the line through both extrapolated to 7B.
-Not covered yet: the FSDP2 CUDA path (bf16 compute over fp32 master weights, the gathered generate,
-sharded checkpoints); on one GPU it needs FSDP at world size 1, which salsa.shard does not do.
+- the FSDP2 path: torchrun with one rank shards every model (on CUDA, bf16 compute over fp32 master
+  weights), generates with the policy gathered, writes a sharded checkpoint and resumes from it.
 """
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -57,11 +58,13 @@ def build(path: Path, shape: str, tok, device) -> int:
     return sum(p.numel() for n, p in lm.named_parameters() if "embed_tokens" not in n)
 
 
-def script(name: str, *flags) -> list[dict]:
-    """Run a stage script to the end and return its metrics.jsonl rows (OUT is the flag after --out)."""
-    cmd = [sys.executable, str(ROOT / name), *map(str, flags)]
+def script(name: str, *flags, ranks: int = 0) -> list[dict]:
+    """Run a stage script to the end and return its metrics.jsonl rows (OUT is the flag after --out);
+    ranks > 0: under torchrun with that many processes (FSDP2, also at 1)."""
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks else []
+    cmd = [sys.executable, *launch, str(ROOT / name), *map(str, flags)]
     print("$", " ".join(cmd), flush=True)
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)  # a hung rank ends the check
     if res.returncode:
         raise SystemExit(f"{name} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
     out = flags[list(flags).index("--out") + 1]
@@ -153,6 +156,20 @@ def main():
             "rollout_share": m["time/rollout"] / step, "response_len": m["objective/response_len"],
             "rollout_tokens_per_s": 8 * m["objective/response_len"] / m["time/rollout"], "peak_gb": m["mem/peak_gb"],
             "prompt_width": m["prompt_width"]}
+    # the FSDP2 path on one GPU: torchrun's one rank shards every model (bf16 compute over fp32 master weights
+    # on CUDA), generates with the policy gathered, writes a sharded checkpoint after step 1; a second run
+    # resumes from it (the checkpoint copied) and must log step 2 as the uninterrupted run did
+    fsdp = [*ppo_flags, "--model", work / big / "lm", "--reward", work / big / "rm", "--save-every", 1]
+    rows = script("ppo.py", *fsdp, "--out", work / "fsdp", ranks=1)
+    ckpt = Path(salsa.latest_checkpoint(f"{work / 'fsdp'}.ckpt"))
+    shutil.copytree(f"{work / 'fsdp'}.ckpt", work / "fsdp-resumed.ckpt")  # its log too: the resume cuts it at step 1
+    resumed = script("ppo.py", *fsdp, "--resume", "--out", work / "fsdp-resumed", ranks=1)
+    m = rows[-1]
+    rep["fsdp"] = {"step_s": m["time/rollout"] + m["time/score"] + m["time/train"], "rollout_s": m["time/rollout"],
+                   "score_s": m["time/score"], "train_s": m["time/train"], "peak_gb": m["mem/peak_gb"],
+                   "checkpoint": ckpt.name, "shard_files": sorted(f.name for f in ckpt.glob("*.distcp")),
+                   "resumed_steps": [r["step"] for r in resumed],
+                   "resume_max_abs_diff": max(abs(resumed[-1][k] - m[k]) for k in m if not k.startswith(("time/", "mem/")))}
     width = rep["ppo"][f"{big} bfloat16"]["prompt_width"] + new_tokens
     rep["plain_bf16_fwd_bwd_s"] = plain_step(work / big / "lm", 8, width, device)
 
@@ -187,6 +204,11 @@ def report(r: dict, big: str, small: str, seq_len: int, new_tokens: int) -> str:
     lines += [f"| {k} | {v['step_s']:.2f} | {v['rollout_s']:.2f} | {v['rollout_share']:.2f} | {v['rollout_tokens_per_s']:.0f} | "
               f"{v['score_s']:.2f} | {v['train_s']:.2f} | {v['peak_gb']:.1f} |" for k, v in r["ppo"].items()]
     p = r["memory_plan"]
+    z = r["fsdp"]
+    lines += ["", f"FSDP2 on one rank (torchrun --nproc_per_node 1, the fp32 policy): step {z['step_s']:.2f} s = rollout "
+              f"{z['rollout_s']:.2f} + scoring {z['score_s']:.2f} + training {z['train_s']:.2f}; peak {z['peak_gb']:.1f} GB; "
+              f"sharded checkpoint {z['checkpoint']} ({', '.join(z['shard_files'])}); resumed, it logged steps "
+              f"{z['resumed_steps']}, its step 2 off the uninterrupted run's by at most {z['resume_max_abs_diff']:.3g}."]
     lines += ["", f"A plain bf16 forward and backward of the same 8 rows: {r['plain_bf16_fwd_bwd_s']:.3f} s (PPO trains "
               "2 epochs of 8 one-row micro-batches, plus a value head and fp32 log-probs).", "",
               "## Memory plan at world size 1 (fp32 policy 16 B/param, two bf16 frozen models 2 B/param each)", "",

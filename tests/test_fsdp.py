@@ -73,12 +73,15 @@ def fixed_rollout(model, prompt, prompt_mask, gen_cfg, synced):
 
 def ppo_worker(argv):
     """ppo.py's main on fixed rollouts; each rank writes how many gradient reduce-scatters FSDP made."""
-    calls, reduce_scatter = [], torch.distributed.reduce_scatter_single
+    from torch.distributed.fsdp import FSDPModule
+    calls, reduce_scatter, sharded, shard = [], torch.distributed.reduce_scatter_single, [], salsa.shard
     torch.distributed.reduce_scatter_single = lambda *a, **kw: calls.append(1) or reduce_scatter(*a, **kw)
+    salsa.shard = lambda *a, **kw: sharded.append(isinstance(m := shard(*a, **kw), FSDPModule)) or m
     ppo.rollout = fixed_rollout
     args = salsa.parse_args(ppo.Args, argv)
     ppo.main(args)
     Path(f"{args.out}.ckpt", f"reduce_scatters{os.environ.get('RANK', 0)}").write_text(str(len(calls)))
+    Path(f"{args.out}.ckpt", f"sharded{os.environ.get('RANK', 0)}").write_text(str(sum(sharded)))
 
 
 def launch(tiny, out, nproc):
@@ -206,7 +209,8 @@ def test_ppo_under_torchrun_and_its_resume(tiny, tok, tmp_path):
 
 
 def test_ppo_update_under_fsdp_equals_one_process(tiny, tok, tmp_path):
-    """One PPO step (2 epochs) on the same 4 rows: 2 ranks x 2 micro-batches against 1 process x 4.
+    """One PPO step (2 epochs) on the same 4 rows: 2 ranks x 2 micro-batches, and torchrun's 1 rank x 4
+    (FSDP2 at world size 1, the path `make gpu-check` takes on one GPU), against 1 process x 4.
     Embeddings, norms, every layer and the value head land where one process puts them; the metrics
     (score, KL, whitened advantages' losses, explained variance) agree; and FSDP reduces gradients once
     per optimizer step, not per micro-batch: 2 steps x 4 FSDP units (2 layers, the LM's root with the
@@ -224,9 +228,9 @@ def test_ppo_update_under_fsdp_equals_one_process(tiny, tok, tmp_path):
     flags = ["--ref", "soup", "--soup-models", tiny, other, "--reward", rm, "--data", tmp_path / "prompts.jsonl",
              "--batch-size", 4, "--micro-batch", 1, "--steps", 1, "--lr", 1e-3, "--sample-every", 100]
     rows, weights = {}, {}
-    for n in (1, 2):
-        out = tmp_path / f"ppo{n}"
-        cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if n > 1 else []),
+    for n, launch in ((1, []), (2, ["--nproc_per_node", "2"]), ("1 rank", ["--nproc_per_node", "1"])):
+        out = tmp_path / f"ppo{n}".replace(" ", "")
+        cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", *launch] if launch else []),
                __file__, "ppo", *flags, "--out", out]
         res = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=180,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -235,16 +239,22 @@ def test_ppo_update_under_fsdp_equals_one_process(tiny, tok, tmp_path):
                    if not k.startswith(("time/", "mem/")) and k != "prompt_width"}  # timings; rank 0's rows are narrower
         weights[n] = load_file(out / "model.safetensors") | {f"v_head.{k}": v for k, v in
                                                               load_file(out / "value_head.safetensors").items()}
-    assert rows[1]["objective/kl"] > 0 and rows[1].keys() == rows[2].keys()
+    assert rows[1]["objective/kl"] > 0 and rows[1].keys() == rows[2].keys() == rows["1 rank"].keys()
     for k in rows[1]:
         assert rows[2][k] == pytest.approx(rows[1][k], rel=1e-4, abs=1e-6), k
+        assert rows["1 rank"][k] == pytest.approx(rows[1][k], rel=1e-4, abs=1e-6), k
     init = load_file(Path(tiny) / "model.safetensors")
     assert weights[1].keys() == weights[2].keys() == init.keys() | {"v_head.weight", "v_head.bias"}
     for k in weights[1]:  # lr 1e-3 moves every weight by ~1e-3 (Adam); the sharded update within fp32 noise of it
         moved = (weights[1][k] - init[k]).abs().max() if k in init else weights[1][k].abs().max()
         assert moved > 1e-4, k
         torch.testing.assert_close(weights[2][k], weights[1][k], rtol=0, atol=2e-6, msg=k)
+        torch.testing.assert_close(weights["1 rank"][k], weights[1][k], rtol=0, atol=2e-6, msg=k)
     assert [int(Path(f"{tmp_path}/ppo2.ckpt/reduce_scatters{r}").read_text()) for r in (0, 1)] == [8, 8]
+    sharded = [int((tmp_path / f"ppo{n}.ckpt" / "sharded0").read_text()) for n in ("1rank", "2", "1")]
+    # the policy's LM and its value-head wrapper, the soup, the init model, the reward model: under torchrun,
+    # 1 rank or 2, every one is an FSDP module; in one process none is
+    assert sharded[0] == sharded[1] == 5 and sharded[2] == 0
 
 
 if __name__ == "__main__":

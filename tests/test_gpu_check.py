@@ -18,6 +18,8 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     for v in r["ppo"].values():  # random-init models never stop early: every rollout has all 16 tokens
         assert v["response_len"] == 16 and 0 < v["rollout_share"] < 1 and v["peak_gb"] > 0
         assert abs(v["step_s"] - v["rollout_s"] - v["score_s"] - v["train_s"]) < 1e-6
+    z = r["fsdp"]  # FSDP2 at world size 1: a sharded checkpoint after step 1, resumed to the same step 2 (CPU: exact)
+    assert z["shard_files"] == ["__0_0.distcp"] and z["resumed_steps"] == [1, 2] and z["resume_max_abs_diff"] == 0
     plan = r["memory_plan"]
     assert plan["tiny2"]["params"] > plan["tiny"]["params"] and plan["7.24b_formula_gb"] == 20 * 7.24e9 / 2**30
     md = (out / "report.md").read_text()
