@@ -3,8 +3,8 @@
 SALSA (arXiv 2411.01798) is PPO whose KL reference is a model soup instead of the SFT model:
     sft.py (x2 seeds) -> soup.py -> reward.py -> ppo.py --ref soup -> eval.py
 Each stage script imports this module (and soup.py where it needs an in-memory soup); this module
-imports no stage script: the recipe's reports read the files the stages wrote. Every function here is plain
-and takes its inputs explicitly; the stage scripts hold the algorithms.
+imports no stage script: the recipe's reports read the files the stages wrote. Every function here
+is plain and takes its inputs explicitly; the stage scripts hold the algorithms.
 
     python salsa.py                       the recipe on the offline default (runs/recipe/results.md)
     python salsa.py --ablations gibberish kl-hack mkl soup3      ... plus the paper's ablations
