@@ -1160,9 +1160,8 @@ def write_study(a: Study, R: Path, runs: list[str], questions: str, answers: dic
     gold = py_function(a.judge[3:])
     qs = [(str(q["id"]), q["turns"][0]) for q in load_questions(questions, "", 0)]
     halves = {"dev": [q for i, q in enumerate(qs) if i % 2 == 0], "test": [q for i, q in enumerate(qs) if i % 2]}
-    rm = {}
-    for r in csv.DictReader(open(R / "results" / "reward_hist" / "reward_hist.csv")):
-        rm[r["model"], r["question_id"]] = float(r["reward"]) if r["turn"] == "1" else rm.get((r["model"], r["question_id"]))
+    rm = {(r["model"], r["question_id"]): float(r["reward"])  # first turns: the task's questions have one
+          for r in csv.DictReader(open(R / "results" / "reward_hist" / "reward_hist.csv")) if r["turn"] == "1"}
     text = {n: {str(r["question_id"]): r["choices"][0]["turns"][0] for r in read_jsonl(p)} for n, p in answers.items()}
     score = {"gold": lambda n, q, p: float(gold(p, text[n][q])), "rm": lambda n, q, p: rm[n, q]}
     per_q = lambda what, names, half: torch.tensor([[score[what](n, q, p) for q, p in halves[half]] for n in names])
@@ -1222,8 +1221,8 @@ def write_study(a: Study, R: Path, runs: list[str], questions: str, answers: dic
         for i, k in enumerate(keys):
             plt.subplot(1, len(keys), i + 1)
             for n in runs:
-                plt.plot([r["step"] for r in logs[n]], [r[k] for r in logs[n]], lw=0.8,
-                         color="tab:blue" if n.startswith("ppo") else "tab:orange", alpha=0.4 + 0.6 * ("seed" + str(a.seeds[0]) in n))
+                plt.plot([r["step"] for r in logs[n]], [r[k] for r in logs[n]], lw=0.8, alpha=0.7,
+                         color="tab:blue" if n.startswith("ppo") else "tab:orange")
             plt.title(k.split("/")[1], fontsize=9)
             plt.xlabel("step")
         plt.gcf().set_size_inches(16, 3.2)
