@@ -252,7 +252,9 @@ def load_references(args, tok, dist):
         n = len(args.soup_models)
         weights = [1 - args.alpha, args.alpha] if n == 2 else [1 / n] * n
         refs = [(salsa.distribute(lambda: load_soup(args.soup_models, weights, tok, dtype=kw["dtype"]), dist), 1.0)]
-    init = refs[0][0] if args.ref != "soup" else salsa.load_model(args.model, tok, **kw) if args.kl_init else None
+    init = None
+    if args.kl_init:  # sft and mkl: their first reference is the policy's init; a soup run loads it
+        init = refs[0][0] if args.ref != "soup" else salsa.load_model(args.model, tok, **kw)
     for model in [m for m, _ in refs] + [init]:
         if model is not None:
             model.eval().requires_grad_(False)
