@@ -59,6 +59,8 @@ def run(main, cls, argv=None):
         main(args)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        if getattr(e, "every_rank", False):  # raised on every rank at once (distribute): wait until each has
+            torch.distributed.barrier()  # printed it, or torchrun stops the others when the first one exits
         sys.exit(2)
 
 
@@ -167,6 +169,7 @@ def distribute(build, dist: Dist, train: bool = False):
             spec = [e]
     torch.distributed.broadcast_object_list(spec, src=0)
     if isinstance(spec[0], InputError):
+        spec[0].every_rank = True
         raise spec[0]
     cls, config, generation_config, dtype = spec[0]
     with torch.device("meta"):
