@@ -1157,6 +1157,15 @@ def bootstrap(x: torch.Tensor, n: int, seed: int = 0) -> tuple[float, float, flo
     return x.double().mean().item(), lo, hi
 
 
+def rank_agreement(gold: torch.Tensor, rm: torch.Tensor) -> tuple[float, int]:
+    """Of the pairs of answers to one question (gold, rm: models x questions) that the gold judge ranks apart,
+    the share the reward model ranks the same way (a reward tie counts half), and how many such pairs."""
+    i, j = torch.triu_indices(len(gold), len(gold), 1)
+    d_gold, d_rm = gold[i] - gold[j], rm[i] - rm[j]  # (model pairs, questions)
+    agree = (d_gold.sign() == d_rm.sign()).double() + 0.5 * (d_rm == 0).double()
+    return agree[d_gold != 0].mean().item(), int((d_gold != 0).sum())
+
+
 def write_study(a: Study, R: Path, runs: list[str], questions: str, answers: dict):
     """OUT/report.md and its PNGs, from what the stages wrote: answer files, reward_hist.csv, metrics.jsonl."""
     import csv
@@ -1194,9 +1203,14 @@ def write_study(a: Study, R: Path, runs: list[str], questions: str, answers: dic
                      f"{train[0]:.2f} | {train[1]:.2f} | {words:.1f} | {train[2]:.2f} | {train[3]:.2f} |")
     lines += ["", "KL columns: nats per response, the last 5 training steps. No-EOS rate and explained variance: PPO's "
               "rollouts, the last 5 steps.", "", "## The premise: the soup against its two SFT models (all questions)", ""]
+    every_q = lambda what, names: torch.cat([per_q(what, names, h) for h in ("dev", "test")], 1)
     for what in ("gold", "rm"):
-        both = lambda n: torch.cat([per_q(what, [n], h) for h in ("dev", "test")], 1)
-        lines += [f"- {what}, soup − {n}: {fmt(bootstrap(both('soup') - both(n), a.boot))}" for n in ("sft", "sft-seed2")]
+        lines += [f"- {what}, soup − {n}: {fmt(bootstrap(every_q(what, ['soup']) - every_q(what, [n]), a.boot))}"
+                  for n in ("sft", "sft-seed2")]
+    lines += ["", "The reward model against the gold judge (all questions; pairs of answers to one question):", ""]
+    for label, names in (("SFT samples (sft, sft-seed2)", ["sft", "sft-seed2"]), ("policy samples (every run)", runs)):
+        share, pairs = rank_agreement(every_q("gold", names), every_q("rm", names))
+        lines.append(f"- {label}: it orders {100 * share:.1f}% of the {pairs} pairs the gold judge tells apart as the judge does")
     lines += ["", "Along the α line (eval.py alpha-line, its own questions):", "", "| α | Reward (RM) | Gold |", "|---:|---:|---:|"]
     lines += [f"| {float(r['alpha']):.2f} | {float(r['mean_reward']):.3f} ± {float(r['stderr']):.3f} | "
               f"{float(r['mean_gold']):.3f} |" for r in csv.DictReader(open(R / "results" / "alpha_line" / "alpha_line.csv"))]

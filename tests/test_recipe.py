@@ -199,7 +199,7 @@ def test_study_end_to_end(toy_recipe):
         assert first[0]["objective/score"] == first[1]["objective/score"] and first[0]["objective/kl"] == 0.0
     md = (s / "report.md").read_text()
     for text in ("β chosen on dev: PPO", "- Gold score difference, SALSA − PPO:", "| ppo | 0.01 |", "| salsa | 0.2 |",
-                 "- gold, soup − sft:", "- rm, soup − sft-seed2:", "| 1.00 |", "Last sampled rollouts of ppo-beta0.01-seed3"):
+                 "- gold, soup − sft:", "- rm, soup − sft-seed2:", "- policy samples (every run): it orders", "| 1.00 |", "Last sampled rollouts of ppo-beta0.01-seed3"):
         assert text in md, text
     assert "eval.py judge" not in res.stdout  # gold scores per question, no pairwise verdicts
     questions = salsa.read_jsonl(s / "data" / "eval.jsonl")  # the table's gold columns, from the files alone
@@ -211,6 +211,15 @@ def test_study_end_to_end(toy_recipe):
     assert cells[3].strip() == f"{gold[0]:.3f}" and cells[4].strip().startswith(f"{gold[1]:.3f} [")
     for png in ("frontier.png", "curves.png"):
         assert (s / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rank_agreement_by_hand():
+    """Models x questions. Two models: question 0 agrees, 1 is a gold tie (left out), 2 a reward tie (half).
+    Three models on one question: gold 1 > 0.5 > 0; rewards 3, 1, 2 order 2 of its 3 pairs alike."""
+    gold, rm = torch.tensor([[1.0, 0.0, 0.5], [0.0, 0.0, 1.0]]), torch.tensor([[2.0, 1.0, 0.0], [1.0, 3.0, 0.0]])
+    assert salsa.rank_agreement(gold, rm) == (0.75, 2)
+    share, pairs = salsa.rank_agreement(torch.tensor([[1.0], [0.5], [0.0]]), torch.tensor([[3.0], [1.0], [2.0]]))
+    assert pairs == 3 and abs(share - 2 / 3) < 1e-12
 
 
 def test_bootstrap_resamples_questions_and_seeds():
