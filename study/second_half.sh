@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Ran once, on 2026-12-02, to the report in study/report.md. study/ now holds every run's record, so a rerun
+# restores the SALSA runs too and stops when ppo.py refuses to overwrite them: it is kept as the record of what ran.
 # The study's second half (README, "The study"). A working session here keeps only what is committed and
 # the whole study needs more than one session on 2 cores, so the first half (the shared stages, the
 # premise, the six PPO runs) left its records in study/. This rebuilds the shared stages with the same
