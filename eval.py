@@ -22,18 +22,13 @@ Choices, and where we depart from the paper or FastChat:
 - The reward of (x, y) is the reward model on prompt_ids(x) + y + EOS, the sequence PPO scores.
 """
 import csv
-import email.utils
 import hashlib
-import http.client
 import itertools
 import json
 import os
-import random
 import re
 import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +66,8 @@ class Args:
     dataset: str = salsa.arg("", "judge: dataset name in the table (default: the question file's folder)")
     cache: str = salsa.arg("runs/eval/judge_cache.jsonl", "api: every judgment appended as it arrives; reruns reuse it")
     concurrency: int = salsa.arg(8, "api: requests in flight")
-    retries: int = salsa.arg(6, "api: retries on 429, 5xx, timeouts, replies with no verdict; exponential backoff")
-    backoff: float = salsa.arg(2.0, "api: first backoff in seconds (doubles each retry; longer if Retry-After says)")
+    retries: int = salsa.arg(6, "api: retries on 429, 5xx and timeouts (the openai client's, with backoff and "
+                                "Retry-After), and on replies with no verdict")
     timeout: float = salsa.arg(120.0, "api: seconds per request")
     tie_margin: float = salsa.arg(0.0, "rm/py judges: scores closer than this are a tie")
     bootstrap: int = salsa.arg(1000, "judge: bootstrap resamples of the 95-percent interval of the adjusted win rate")
@@ -192,51 +187,42 @@ class JudgeError(Exception):
     """A judgment that failed for good: counted as an error, never cached, retried by a rerun."""
 
 
-def retry_after(value: str | None) -> float:
-    """Seconds a Retry-After header asks us to wait (it gives seconds or an HTTP date); 0 without a readable one."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        when = email.utils.parsedate_tz(value or "")
-        return email.utils.mktime_tz(when) - time.time() if when else 0.0
-
-
-def call_api(url: str, model: str, key: str | None, system: str, user: str, args: Args) -> str:
-    """The judge's reply, one that carries a verdict. 429, 5xx, timeouts and replies that carry none (malformed,
-    no choices, no content, no [[A]]/[[B]]/[[C]], cut at max_tokens) share --retries; then JudgeError."""
-    body = json.dumps({"model": model, "temperature": 0, "max_tokens": 2048, "messages": [
-        {"role": "system", "content": system}, {"role": "user", "content": user}]}).encode()
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    for attempt in range(args.retries + 1):
-        wait = 0.0
+def call_api(client, model: str, system: str, user: str, retries: int) -> str:
+    """The judge's reply, one that carries a verdict. The openai client retries 429, 5xx, timeouts and dropped
+    connections itself (--retries times, exponential backoff, honouring Retry-After); a reply that carries no
+    verdict (malformed, no choices, no content, no [[A]]/[[B]]/[[C]], cut at max_tokens) is asked again up to
+    --retries times. Either way, then JudgeError."""
+    import openai
+    for attempt in range(retries + 1):
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=args.timeout) as r:
-                raw = r.read()
-        except (OSError, http.client.HTTPException) as e:  # HTTP errors, timeouts, refused or dropped connections
-            if isinstance(e, urllib.error.HTTPError) and e.code != 429 and e.code < 500:  # no retry can help
-                raise RuntimeError(f"{url}: HTTP {e.code} {e.reason}: check --judge-url, --judge-model "
-                                   f"and ${args.judge_key_env}") from None
-            problem = f"{type(e).__name__}: {e}"
-            wait = retry_after(getattr(e, "headers", {}).get("Retry-After"))  # a 429 or 503 may say when to come back
-        else:
-            try:
-                choice = json.loads(raw)["choices"][0]
-                text, cut = choice["message"]["content"], choice.get("finish_reason") == "length"
-                if not cut and parse_verdict(text) != "error":
-                    return text
-                # a reply cut short never gave its final verdict: any [[A]] in it is from the reasoning before
-                problem = "cut at max_tokens (finish_reason length)" if cut else f"no verdict: ...{text[-200:]!r}"
-            except (ValueError, KeyError, IndexError, TypeError, AttributeError):  # TypeError: also a null content
-                problem = f"malformed reply: {raw[:120]!r}"
-        if attempt == args.retries:
-            raise JudgeError(f"gave up after {attempt + 1} tries, last: {problem}")
-        time.sleep(max(wait, args.backoff * 2**attempt * (1 + random.random())))  # not sooner; jitter: no lockstep
+            reply = client.chat.completions.create(model=model, temperature=0, max_tokens=2048, messages=[
+                {"role": "system", "content": system}, {"role": "user", "content": user}])
+        except openai.APIStatusError as e:
+            if e.status_code < 500 and e.status_code != 429:  # a bad key, URL or model: no retry can help
+                raise RuntimeError(f"{client.base_url}: HTTP {e.status_code}: check --judge-url, --judge-model "
+                                   "and the key's environment variable (--judge-key-env)") from None
+            raise JudgeError(f"gave up after {retries + 1} tries, last: HTTP {e.status_code}") from None
+        except openai.APIConnectionError as e:  # timeouts too
+            raise JudgeError(f"gave up after {retries + 1} tries, last: {type(e).__name__}: {e}") from None
+        try:
+            choice = reply.choices[0]
+            text, cut = choice.message.content, choice.finish_reason == "length"
+            if not cut and parse_verdict(text) != "error":
+                return text
+            # a reply cut short never gave its final verdict: any [[A]] in it is from the reasoning before
+            problem = "cut at max_tokens (finish_reason length)" if cut else f"no verdict: ...{text[-200:]!r}"
+        except (IndexError, TypeError, AttributeError):  # a reply that is not JSON comes back as its text
+            problem = f"malformed reply: {str(reply)[:120]!r}"
+    raise JudgeError(f"gave up after {retries + 1} tries, last: {problem}")
 
 
 def judge_api(args: Args, games: dict) -> dict:
     """{game: reply text with a verdict, or None for an error}, through the on-disk cache; new replies appended
     as they come. Only replies with a verdict are cached: a rerun asks again what failed."""
-    url = args.judge_url.rstrip("/").removesuffix("/chat/completions") + "/chat/completions"
+    from openai import OpenAI  # only --judge api needs it
+    # the client refuses an empty key; a local server (vLLM, llama.cpp) ignores the placeholder, OpenAI says 401
+    client = OpenAI(base_url=args.judge_url.rstrip("/").removesuffix("/chat/completions"), timeout=args.timeout,
+                    api_key=os.environ.get(args.judge_key_env) or "no-key", max_retries=args.retries)
     text = Path(args.cache).read_text() if Path(args.cache).exists() else ""
     cache = {}
     for line in text.splitlines():
@@ -254,8 +240,7 @@ def judge_api(args: Args, games: dict) -> dict:
     todo = list({keys[g]: g for g in games if keys[g] not in cache}.values())  # identical prompts asked once
     print(f"judge: {len(games) - len(todo)} of {len(games)} judgments cached, {len(todo)} to ask {args.judge_model}")
     pool = ThreadPoolExecutor(args.concurrency)
-    futures = {pool.submit(call_api, url, args.judge_model, os.environ.get(args.judge_key_env), *games[g], args): g
-               for g in todo}
+    futures = {pool.submit(call_api, client, args.judge_model, *games[g], args.retries): g for g in todo}
     try:
         for f in tqdm(as_completed(futures), total=len(futures), desc="judge"):
             game = futures[f]

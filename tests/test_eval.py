@@ -3,7 +3,6 @@ against the paper's own rows, the judge client against a stub server on loopback
 replies with no verdict, timeout, cache of verdicts only), answers on a tiny model (format, second turn,
 resume), the alpha line's ends against its ingredients, and every command end to end with its table or plots."""
 import csv
-import email.utils
 import json
 import os
 import subprocess
@@ -177,59 +176,59 @@ def stub():
 
 def api_args(stub, tmp_path, **kw):
     return ev.Args(judge_url=stub.url, judge_model="stub-judge", judge_key_env="JUDGE_KEY", cache=str(tmp_path / "cache.jsonl"),
-                   retries=2, backoff=0.01, timeout=0.5, concurrency=2, **kw)
+                   retries=2, timeout=0.5, concurrency=2, **kw)
 
 
-def test_api_success_retry_timeout(stub, tmp_path, monkeypatch):
-    monkeypatch.setenv("JUDGE_KEY", "sk-secret")
-    args = api_args(stub, tmp_path)
-    url = stub.url + "/chat/completions"
-    assert ev.call_api(url, "m", "sk-secret", "sys", "good?", args) == "Comparing both. [[C]]"
+def client(stub, key="sk-secret", retries=2):
+    from openai import OpenAI
+    return OpenAI(base_url=stub.url, api_key=key, timeout=0.5, max_retries=retries)
+
+
+def test_api_success_retry_timeout(stub):
+    assert ev.call_api(client(stub), "m", "sys", "good?", 2) == "Comparing both. [[C]]"
     path, auth, body = stub.requests[-1]
     assert path == "/v1/chat/completions" and auth == "Bearer sk-secret" and body["temperature"] == 0
     assert body["messages"] == [{"role": "system", "content": "sys"}, {"role": "user", "content": "good?"}]
 
     stub.script, n = [(500, "oops"), (429, "slow down")], len(stub.requests)
-    assert ev.call_api(url, "m", None, "sys", "x", args) == "Comparing both. [[C]]"
-    assert len(stub.requests) - n == 3 and stub.requests[-1][1] is None  # two retries, then success; no key, no header
+    assert ev.call_api(client(stub), "m", "sys", "x", 2) == "Comparing both. [[C]]"
+    assert len(stub.requests) - n == 3  # two retries, then success
 
     stub.script, n = [("sleep", 1.0)] * 3, len(stub.requests)
     t0 = time.time()
     with pytest.raises(ev.JudgeError, match="3 tries"):
-        ev.call_api(url, "m", None, "sys", "x", args)
-    assert len(stub.requests) - n == 3 and time.time() - t0 < 3
+        ev.call_api(client(stub), "m", "sys", "x", 2)
+    assert len(stub.requests) - n == 3 and time.time() - t0 < 6  # 3 x 0.5 s, then the client's backoff
 
-    stub.script = [(401, "bad key")]
+    stub.script, n = [(401, "bad key")], len(stub.requests)
     with pytest.raises(RuntimeError, match="HTTP 401"):  # not retried, not counted: every request would fail
-        ev.call_api(url, "m", None, "sys", "x", args)
+        ev.call_api(client(stub), "m", "sys", "x", 2)
+    assert len(stub.requests) - n == 1
 
 
 @pytest.mark.parametrize("reply, problem", [
-    ("{not json", "malformed reply: b'{not json'"),
+    ("{not json", "malformed reply: '{not json'"),
     (json.dumps({"choices": []}), "malformed reply"),
     (json.dumps({"choices": [{"message": {"role": "assistant", "content": None}}]}), "malformed reply"),
     (json.dumps({"choices": [{"message": {"content": "I am not sure."}}]}), "no verdict: ...'I am not sure.'"),
     (json.dumps({"choices": [{"message": {"content": "At first [[A]] looks right, but"}, "finish_reason": "length"}]}),
      "cut at max_tokens (finish_reason length)"),
 ], ids=["malformed", "no choices", "null content", "no verdict", "cut at max_tokens"])
-def test_api_retries_replies_without_a_verdict(stub, tmp_path, reply, problem):
-    """Each is retried like a 5xx (then the stub's default reply has a verdict); three of them spend --retries 2."""
-    args, url = api_args(stub, tmp_path), stub.url + "/chat/completions"
+def test_api_retries_replies_without_a_verdict(stub, reply, problem):
+    """Each is asked again (then the stub's default reply has a verdict); three of them spend --retries 2."""
     stub.script = [(200, reply)]
-    assert ev.call_api(url, "m", None, "sys", "x", args) == "Comparing both. [[C]]" and len(stub.requests) == 2
+    assert ev.call_api(client(stub), "m", "sys", "x", 2) == "Comparing both. [[C]]" and len(stub.requests) == 2
     stub.script = [(200, reply)] * 3
     with pytest.raises(ev.JudgeError) as e:
-        ev.call_api(url, "m", None, "sys", "x", args)
+        ev.call_api(client(stub), "m", "sys", "x", 2)
     assert f"gave up after 3 tries, last: {problem}" in str(e.value) and len(stub.requests) == 5
 
 
-def test_api_honours_retry_after(stub, tmp_path):
-    args, url = api_args(stub, tmp_path), stub.url + "/chat/completions"
-    stub.script, t0 = [(429, "slow down", {"Retry-After": "0.3"})], time.time()
-    assert ev.call_api(url, "m", None, "sys", "x", args) == "Comparing both. [[C]]" and len(stub.requests) == 2
-    assert time.time() - t0 >= 0.3  # --backoff 0.01 alone waits 0.01 to 0.02 s
-    assert ev.retry_after(email.utils.formatdate(time.time() + 60, usegmt=True)) == pytest.approx(60, abs=1.5)
-    assert ev.retry_after(None) == ev.retry_after("soon") == 0
+def test_api_honours_retry_after(stub):
+    """The client waits as long as Retry-After says, not its own first backoff (0.5 s x jitter 0.75-1)."""
+    stub.script, t0 = [(429, "slow down", {"Retry-After": "1.5"})], time.time()
+    assert ev.call_api(client(stub), "m", "sys", "x", 2) == "Comparing both. [[C]]" and len(stub.requests) == 2
+    assert time.time() - t0 >= 1.5
 
 
 def test_cache_and_counted_errors(stub, tmp_path, monkeypatch):
@@ -270,7 +269,7 @@ def test_judge_api_end_to_end(stub, tmp_path):
     flags = ["--questions", qs, "--answers", a, b, c, "--out", tmp_path / "table", "--judge-url", stub.url,
              "--judge-model", "stub", "--judge-key-env", "JUDGE_KEY", "--cache", tmp_path / "cache.jsonl",
              "--dataset", "MT-Bench", "--judge-prompts", ROOT / "data" / "judge_prompts.jsonl",
-             "--retries", 1, "--backoff", 0.01]
+             "--retries", 1]
     out = run("judge", *flags)
     # 6 ordered pairs x 4 turns; the 4 showing ppo's q82 turn 2 ("??") are asked twice
     assert len(stub.requests) == 6 * 4 + 4 and "2 tries, last: no verdict: ...'I am not sure.'" in out
