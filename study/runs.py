@@ -1,0 +1,38 @@
+"""The README's per-run numbers of the study, from the records in study/ (no weights needed):
+
+    .venv/bin/python study/runs.py
+
+For each run: gold − SFT on all 256 questions (bootstrap over questions), KL to init (mean of the last 5
+steps); and over each run's whole training: the rollouts' entropy, mean response length, explained
+variance and no-EOS share (their ranges). The questions are the task's, rebuilt with the study's seed
+and sizes (salsa.py task), which study/shared/SHA256SUMS pins."""
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+S = Path(__file__).resolve().parent
+sys.path.insert(0, str(S.parent))
+import salsa  # noqa: E402
+
+with tempfile.TemporaryDirectory() as tmp:
+    salsa.make_task(f"{tmp}/data", 320, 320, 256, 256, seed=0)  # the Study's task_sizes and task_seed
+    qs = [(str(q["id"]), q["turns"][0]) for q in salsa.load_questions(f"{tmp}/data/eval.jsonl", "", 0)]
+
+
+def gold(name: str) -> torch.Tensor:
+    answers = {str(r["question_id"]): r["choices"][0]["turns"][0] for r in salsa.read_jsonl(S / "answers" / f"{name}.jsonl")}
+    return torch.tensor([salsa.gold_score(p, answers[q]) for q, p in qs])  # (questions,)
+
+
+sft = gold("sft")
+print("| Run | Gold − SFT, all [95% CI] | KL to init | Entropy | Response length | Explained var. | No-EOS |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for run in sorted(p.name for p in (S / "metrics").iterdir()):
+    logs = salsa.read_jsonl(S / "metrics" / run / "metrics.jsonl")
+    span = lambda k: f"{min(r[k] for r in logs):.2f}..{max(r[k] for r in logs):.2f} (start {logs[0][k]:.2f})"
+    mean, lo, hi = salsa.bootstrap((gold(run) - sft)[None], 2000)
+    print(f"| {run} | {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] | {sum(r['objective/kl_init'] for r in logs[-5:]) / 5:.2f} | "
+          f"{span('objective/entropy')} | {span('objective/response_len')} | {span('val/explained_var')} | "
+          f"{span('objective/no_eos_frac')} |")
