@@ -193,7 +193,7 @@ def call_api(client, model: str, system: str, user: str, retries: int) -> str:
     verdict (malformed, no choices, no content, no [[A]]/[[B]]/[[C]], cut at max_tokens) is asked again up to
     --retries times. Either way, then JudgeError."""
     import openai
-    for attempt in range(retries + 1):
+    for _ in range(retries + 1):
         try:
             reply = client.chat.completions.create(model=model, temperature=0, max_tokens=2048, messages=[
                 {"role": "system", "content": system}, {"role": "user", "content": user}])
