@@ -103,16 +103,10 @@ def prompt_ids(tok, prompt, max_len: int, where: str) -> list[int]:
     return ids[-max_len:]
 
 
-@torch.no_grad()
 def generate(model, tok, prompts: list[list[int]], args: Args) -> list[list[int]]:
     """Answer token ids, up to (without) the first EOS; batched with left padding, KV cache on."""
-    cfg = salsa.generation_config(tok, args.temperature, args.max_new_tokens)
-    out, eos, n = [], tok.eos_token_id, args.batch_size
-    for i in tqdm(range(0, len(prompts), n), desc="generate", leave=False, disable=len(prompts) <= n):
-        ids, mask = salsa.pad(prompts[i:i + n], tok.pad_token_id, device=model.device)  # (B, P)
-        seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)  # (B, P + R)
-        out += [r[:r.index(eos)] if eos in r else r for r in seq[:, ids.shape[1]:].tolist()]
-    return out
+    cfg, eos = salsa.generation_config(tok, args.temperature, args.max_new_tokens), tok.eos_token_id
+    return [r[:-1] if r[-1:] == [eos] else r for r in salsa.generate(model, tok, prompts, cfg, args.batch_size)]
 
 
 @torch.no_grad()

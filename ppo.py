@@ -318,8 +318,8 @@ def main(args: Args):
     steps = args.steps or len(prompts) // args.batch_size
 
     kw = dict(dtype=args.dtype, attn=args.attn, device=dist.device, dist=dist)
-    resume_from = salsa.latest_checkpoint(ckpt_dir) if args.resume else None
-    state = salsa.load_trainer_state(resume_from, dist) if resume_from else None
+    flags = {k: v for k, v in vars(args).items() if k not in ("resume", "out")}  # defaults filled in by check_args
+    resume_from, state = salsa.resume_point(ckpt_dir, args.resume, flags, dist)
     # a sharded (torchrun) checkpoint holds no HF weights: load_optimizer_state restores them
     policy = PolicyWithValue(salsa.load_model((not dist.sharded and resume_from) or args.model, tok, **kw, train=True,
                                               allow_pickle=args.allow_pickle))
@@ -337,16 +337,9 @@ def main(args: Args):
               {"params": list(policy.v_head.parameters()), "lr": args.value_lr}]  # the critic's own lr
     opt = torch.optim.AdamW(groups, lr=args.lr, eps=1e-5, weight_decay=0.0, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: salsa.lr_lambda(u, updates, 0, "linear"))
-    kl_coef, start, first = args.init_kl_coef, 0, None
     torch.manual_seed(args.seed + dist.rank)  # sampling does not depend on how many models were loaded
-    if state:
-        salsa.load_optimizer_state(policy, opt, state["opt"], dist)
-        sched.load_state_dict(state["sched"])
-        kl_coef, start, first = state["kl_coef"], state["step"], state["first"]
-        salsa.set_rng_state(state["rng"], dist)
-        if dist.main:
-            salsa.truncate_log(log, start)
-        salsa.log0(dist, f"resumed from {resume_from} at step {start}")
+    start = salsa.restore(resume_from, state, policy, opt, sched, log, dist)
+    kl_coef, first = (state["kl_coef"], state["first"]) if state else (args.init_kl_coef, None)
 
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not dist.main, desc="ppo")
     for step in bar:
@@ -450,9 +443,8 @@ def main(args: Args):
             if (step + 1) % args.sample_every == 0 or step == 0:
                 samples(tok, seq, P, score, step + 1, f"{ckpt_dir}/samples.jsonl")
         if (step + 1) % args.save_every == 0 and step + 1 < steps:
-            state = {"v_head": {k: salsa.full(v) for k, v in policy.v_head.state_dict().items()},
-                     "opt": salsa.optimizer_state(policy, opt, dist), "sched": sched.state_dict(),
-                     "kl_coef": kl_coef, "step": step + 1, "first": first, "rng": salsa.rng_state(dist)}
+            state = salsa.trainer_state(policy, opt, sched, step + 1, dist, flags=flags, kl_coef=kl_coef, first=first,
+                                        v_head={k: salsa.full(v) for k, v in policy.v_head.state_dict().items()})
             salsa.save_checkpoint(ckpt_dir, step + 1, policy.lm, tok, state, dist=dist)
     # only rank 0 writes the log, so only it reads it (another rank could get there first)
     files = {"metrics.json": salsa.read_jsonl(log)[-1], "args.json": vars(args)} if dist.main else None

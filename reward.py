@@ -127,16 +127,9 @@ def generate_references(args, tok, prompts: list[list[int]], dist) -> list[tuple
                               allow_pickle=args.allow_pickle).eval()
     cfg = salsa.generation_config(tok, args.norm_temperature, args.norm_max_new_tokens)  # as ppo.py samples
     torch.manual_seed(args.seed)  # every rank draws the same samples
-    refs, rows = [], args.batch_size
-    for i in tqdm(range(0, len(prompts), rows), desc="normalisation samples", disable=not dist.main):
-        ids, mask = salsa.pad(prompts[i:i + rows], tok.pad_token_id, left=True, device=dist.device)  # (b, P)
-        with torch.no_grad(), salsa.gathered(policy):
-            out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=cfg,
-                                  synced_gpus=dist.world > 1)  # (b, P + N)
-        for p, resp in zip(prompts[i:i + rows], out[:, ids.shape[1]:].tolist()):
-            # a response that never stops is kept whole and scored at its last token
-            refs.append((p, p + (resp[: resp.index(tok.eos_token_id) + 1] if tok.eos_token_id in resp else resp)))
-    return refs
+    # a response that never stops is kept whole and scored at its last token
+    responses = salsa.generate(policy, tok, prompts, cfg, args.batch_size, dist, "normalisation samples")
+    return [(p, p + r) for p, r in zip(prompts, responses)]
 
 
 def pair_rewards(rm, pairs: list[tuple], device):
@@ -188,11 +181,8 @@ def main(args: Args):
     order = [i for e in range(math.ceil(total / per_epoch))
              for i in random.Random(args.seed + e).sample(range(len(train)), per_epoch * args.batch_size)]
     ckpt = salsa.prepare_out(args.out, args.resume)  # after every check on the data: a bad row writes nothing
-    log, flags = os.path.join(ckpt, "metrics.jsonl"), {k: v for k, v in asdict(args).items() if k != "resume"}
-    start = salsa.latest_checkpoint(ckpt) if args.resume else None
-    state = salsa.load_trainer_state(start, dist) if start else None
-    if state and (changed := [k for k in flags if state["flags"].get(k) != flags[k]]):
-        raise salsa.InputError(f"{start} was made with other flags ({', '.join(changed)}): resume with the same ones")
+    log, flags = os.path.join(ckpt, "metrics.jsonl"), {k: v for k, v in asdict(args).items() if k not in ("resume", "out")}
+    start, state = salsa.resume_point(ckpt, args.resume, flags, dist)
 
     # the normalisation samples come from the initial SFT model: drawn once, kept in every checkpoint
     refs = state["refs"] if state else generate_references(args, tok, [train[i][0] for i in order[:args.norm_samples]],
@@ -202,14 +192,8 @@ def main(args: Args):
     # fused: one kernel over every tensor (on 2 CPU cores 0.07 s a step at 135M, the per-tensor loop 0.57 s)
     opt = torch.optim.AdamW(rm.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: salsa.lr_lambda(s, total, 0))
-    if state:
-        salsa.load_optimizer_state(rm, opt, state["optimizer"], dist)
-        sched.load_state_dict(state["scheduler"])
-        if dist.main:
-            salsa.truncate_log(log, state["step"])
-        salsa.log0(dist, f"resuming from {start} at step {state['step']}/{total}")
-    bar = tqdm(range(state["step"] if state else 0, total), desc="reward", initial=state["step"] if state else 0,
-               total=total, disable=not dist.main)
+    step = salsa.restore(start, state, rm, opt, sched, log, dist)
+    bar = tqdm(range(step, total), desc="reward", initial=step, total=total, disable=not dist.main)
     for step in bar:
         mine = [train[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]][dist.rank::dist.world]
         stats = torch.zeros(3, device=dist.device)  # loss, correct, margin: summed over the batch
@@ -233,8 +217,7 @@ def main(args: Args):
         if dist.main:
             salsa.log_jsonl(log, row)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
-            state = {"optimizer": salsa.optimizer_state(rm, opt, dist), "scheduler": sched.state_dict(),
-                     "step": step + 1, "refs": refs, "flags": flags}
+            state = salsa.trainer_state(rm, opt, sched, step + 1, dist, refs=refs, flags=flags)
             salsa.save_checkpoint(ckpt, step + 1, rm, tok, state, dist=dist)
 
     final = evaluate(rm, held_out, args, dist)

@@ -345,29 +345,16 @@ def check_model_dir(path: str, allow_pickle: bool = False):
                          "convert them to safetensors, or pass --allow-pickle if you trust the file")
     if not files and not pickles:
         raise InputError(f"{path}: no weights (model.safetensors) in the directory")
+    from safetensors import SafetensorError, safe_open
     for f in files:
-        safetensors_header(str(f))
-
-
-def safetensors_header(file: str) -> tuple[int, dict]:
-    """(offset of the first data byte, {tensor: {dtype, shape, data_offsets}}) of a safetensors file, whose
-    format is an 8-byte little-endian header length, the JSON header, then the tensors' bytes; refused,
-    naming the file, when it is missing, truncated or not safetensors."""
-    import struct
-    if not Path(file).exists():
-        raise InputError(f"{file}: missing (the model directory's index lists it): copy the whole directory")
-    size = Path(file).stat().st_size
-    with open(file, "rb") as fh:
-        n = struct.unpack("<Q", fh.read(8))[0] if size >= 8 else size
-        try:
-            header = json.loads(fh.read(n)) if 8 + n <= size else None
-        except ValueError:
-            header = None
-    ends = [spec["data_offsets"][1] for k, spec in (header or {}).items() if k != "__metadata__"]
-    if header is None or 8 + n + max(ends, default=0) != size:
-        raise InputError(f"{file}: truncated or not a safetensors file ({size} bytes): save or copy it again")
-    header.pop("__metadata__", None)
-    return 8 + n, header
+        if not f.exists():
+            raise InputError(f"{f}: missing (the model directory's index lists it): copy the whole directory")
+        try:  # safe_open checks that the header is whole and that the tensors' bytes fill the file
+            with safe_open(str(f), "pt"):
+                pass
+        except SafetensorError:
+            raise InputError(f"{f}: truncated or not a safetensors file ({f.stat().st_size} bytes): save or copy "
+                             "it again") from None
 
 
 def check_finite(tensors: dict, where: str):
@@ -600,6 +587,21 @@ def generation_config(tok, temperature: float, max_new_tokens: int):
                             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
 
 
+@torch.no_grad()
+def generate(model, tok, prompts: list[list[int]], cfg, batch_size: int, dist: Dist = Dist(), desc: str = "generate"):
+    """Responses (token ids) to prompts (token ids), `batch_size` left-padded rows at a time, each cut
+    after its first EOS (kept), or whole if it never stops. Under FSDP each batch gathers the weights
+    once and the ranks step together until all have finished."""
+    from tqdm import tqdm
+    out, eos = [], tok.eos_token_id
+    for i in tqdm(range(0, len(prompts), batch_size), desc, leave=False, disable=not dist.main or len(prompts) <= batch_size):
+        ids, mask = pad(prompts[i:i + batch_size], tok.pad_token_id, device=model.device)  # (B, P)
+        with gathered(model):
+            seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg, synced_gpus=dist.world > 1)
+        out += [r[:r.index(eos) + 1] if eos in r else r for r in seq[:, ids.shape[1]:].tolist()]
+    return out
+
+
 # ---------------------------------------------------------------- log-probs
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, so a padded row sees the same positions as an unpadded one."""
@@ -749,6 +751,37 @@ def load_trainer_state(path: str, dist: Dist = Dist()) -> dict:
         raise ValueError(f"{path}: written {'by one process' if dist.sharded else 'sharded, under torchrun'}: "
                          "resume it the same way, with the same number of ranks")
     return {k: Sharded(path) if isinstance(v, Sharded) else v for k, v in state.items()}
+
+
+def resume_point(ckpt: str, resume: bool, flags: dict, dist: Dist = Dist()) -> tuple[str | None, dict | None]:
+    """(the newest checkpoint in `ckpt`, its trainer state) with --resume, else (None, None); refused
+    unless it was made with the same `flags` (a resumed run must be the run it continues)."""
+    start = latest_checkpoint(ckpt) if resume else None
+    state = load_trainer_state(start, dist) if start else None
+    if state and (changed := [k for k in flags if state["flags"].get(k) != flags[k]]):
+        raise InputError(f"{start} was made with other flags ({', '.join(changed)}): resume with the same ones")
+    return start, state
+
+
+def restore(start: str | None, state: dict | None, model, opt, sched, log: str, dist: Dist = Dist()) -> int:
+    """Put a checkpoint's optimizer, scheduler and generators back (under FSDP also the weights of
+    `model`, the module `opt` trains) and drop the metrics rows logged after it. Returns the step to go
+    on from: the checkpoint's, or 0 without one."""
+    if not state:
+        return 0
+    load_optimizer_state(model, opt, state["optimizer"], dist)
+    sched.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"], dist)
+    if dist.main:
+        truncate_log(log, state["step"])
+    log0(dist, f"resuming from {start} at step {state['step']}")
+    return state["step"]
+
+
+def trainer_state(model, opt, sched, step: int, dist: Dist = Dist(), **extra) -> dict:
+    """What `restore` reads back (a collective under FSDP), plus the trainer's own `extra` entries."""
+    return {"optimizer": optimizer_state(model, opt, dist), "scheduler": sched.state_dict(), "step": step,
+            "rng": rng_state(dist), **extra}
 
 
 def prepare_out(out: str, resume: bool) -> str:

@@ -132,8 +132,8 @@ def main(args: Args):
     shuffles = math.ceil(total * args.batch_size / len(train))
     order = torch.cat([torch.randperm(len(train), generator=g) for _ in range(shuffles)]).tolist()
 
-    start = salsa.latest_checkpoint(ckpt) if args.resume else None
-    state = salsa.load_trainer_state(start, dist) if start else None
+    flags = {k: v for k, v in asdict(args).items() if k not in ("resume", "out")}
+    start, state = salsa.resume_point(ckpt, args.resume, flags, dist)
     # a sharded (torchrun) checkpoint holds no HF weights: load_optimizer_state restores them
     model = salsa.load_model((not dist.sharded and start) or args.model, tok, args.dtype, args.attn, dist.device, dist,
                              train=True, allow_pickle=args.allow_pickle)
@@ -142,18 +142,8 @@ def main(args: Args):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay,
                             fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: salsa.lr_lambda(s, total, warmup, args.schedule))
-    flags = {k: v for k, v in asdict(args).items() if k != "resume"}
-    step, log = 0, f"{ckpt}/metrics.jsonl"
-    if start:
-        if changed := [k for k in flags if state["flags"].get(k) != flags[k]]:
-            raise salsa.InputError(f"{start} was made with other flags ({', '.join(changed)}): resume with the same ones")
-        salsa.load_optimizer_state(model, opt, state["optimizer"], dist)
-        sched.load_state_dict(state["scheduler"])
-        salsa.set_rng_state(state["rng"], dist)
-        step = state["step"]
-        if dist.main:
-            salsa.truncate_log(log, step)
-        salsa.log0(dist, f"resuming from {start} at step {step}/{total}")
+    log = f"{ckpt}/metrics.jsonl"
+    step = salsa.restore(start, state, model, opt, sched, log, dist)
 
     row = {}
     bar = tqdm(range(step, total), "sft", initial=step, total=total, disable=not dist.main)
@@ -182,8 +172,7 @@ def main(args: Args):
         if dist.main:
             salsa.log_jsonl(log, row)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
-            state = {"optimizer": salsa.optimizer_state(model, opt, dist), "scheduler": sched.state_dict(),
-                     "step": step + 1, "rng": salsa.rng_state(dist), "flags": flags}
+            state = salsa.trainer_state(model, opt, sched, step + 1, dist, flags=flags)
             salsa.save_checkpoint(ckpt, step + 1, model, tok, state, dist=dist)
     summary = {**row, "train_conversations": len(train), "eval_conversations": len(held),
                "dropped": len(dropped + held_dropped), "flags": flags}

@@ -11,7 +11,6 @@ memory stays at a few chunks whatever the model size; config and tokenizer come 
 `soup_state_dicts` and `load_soup` do the same arithmetic in memory (ppo.py, eval.py's reward plane).
 The greedy soup (Wortsman et al. 2022) is ours: the paper uses the uniform one.
 """
-import functools
 import json
 import math
 import os
@@ -53,38 +52,30 @@ class Args:
 
 
 # ---------------------------------------------------------------- ingredients
-read_header = functools.lru_cache(maxsize=None)(salsa.safetensors_header)  # read once per file, not per chunk
-
-
 def read_layout(path: str) -> dict[str, tuple[str, str, list[int]]]:
     """{tensor: (file, safetensors dtype, shape)} of an HF model directory, one file or sharded; refused,
     naming the file, with no config.json, with truncated or only pickled weights (soup.py reads safetensors)."""
+    from safetensors import safe_open
     salsa.check_model_dir(path)
     index = Path(path, "model.safetensors.index.json")
     names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     layout = {}
     for file in [str(Path(path, name)) for name in names]:
-        for key, spec in read_header(file)[1].items():
-            if spec["dtype"] not in DTYPES:
-                raise salsa.InputError(f"{file}: tensor {key} has dtype {spec['dtype']}, which soup.py cannot read")
-            layout[key] = (file, spec["dtype"], spec["shape"])
+        with safe_open(file, "pt") as fh:
+            for key in fh.keys():
+                part = fh.get_slice(key)
+                if part.get_dtype() not in DTYPES:
+                    raise salsa.InputError(f"{file}: tensor {key} has dtype {part.get_dtype()}, which soup.py cannot read")
+                layout[key] = (file, part.get_dtype(), part.get_shape())
     return layout
 
 
 def read_tensor(file: str, key: str, rows: slice | None = None) -> torch.Tensor:
-    """A tensor, or a range of its rows, read with plain file reads. Memory-mapping (safe_open) would
-    keep every touched page of the file resident; a read keeps only the chunk."""
-    start, header = read_header(file)
-    spec = header[key]
-    dtype, shape, (begin, end) = DTYPES[spec["dtype"]], spec["shape"], spec["data_offsets"]
-    if rows is not None:
-        lo, hi = rows.indices(shape[0])[:2]
-        row_bytes = (end - begin) // shape[0]
-        begin, end, shape = begin + lo * row_bytes, begin + hi * row_bytes, [hi - lo] + shape[1:]
-    with open(file, "rb") as fh:  # (a zero-filled bytearray + readinto page-faults every chunk anew)
-        fh.seek(start + begin)
-        data = bytearray(fh.read(end - begin))
-    return torch.frombuffer(data, dtype=dtype).view(shape) if data else torch.empty(shape, dtype=dtype)
+    """A tensor, or a range of its rows, copied out of the file. The file is mapped only for the call:
+    a mapping kept open would keep every page read so far resident."""
+    from safetensors import safe_open
+    with safe_open(file, "pt") as fh:
+        return fh.get_tensor(key) if rows is None else fh.get_slice(key)[rows]
 
 
 def check_same(specs: list[dict], names: list[str]):
@@ -179,7 +170,7 @@ def nbytes(spec: tuple) -> int:
 
 
 def write_shard(file: str, keys: list[str], layouts: list[dict], weights: list[float], bar):
-    """One safetensors file (format: read_header) written as the soup is computed: save_file would need the
+    """One safetensors file (an 8-byte little-endian header length, the JSON header, the tensors' bytes) written as the soup is computed: save_file would need the
     whole shard in memory. The header, its JSON padded to 8 bytes, is known from the inputs' headers."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for key in keys:

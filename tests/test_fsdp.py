@@ -201,7 +201,7 @@ def test_ppo_under_torchrun_and_its_resume(tiny, tok, tmp_path):
     assert sorted(f.name for f in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert not list(ckpt.glob("*.safetensors"))
     trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    assert isinstance(trainer_state["opt"], salsa.Sharded) and trainer_state["opt"].state == ""
+    assert isinstance(trainer_state["optimizer"], salsa.Sharded) and trainer_state["optimizer"].state == ""
     rows2, weights2, v_head2 = ppo_run("--resume")
     by_step = {r["step"]: r for r in rows}  # ppo.py appends: the resumed run logs step 3 a second time
     assert {r["step"] for r in rows2} == {1, 2, 3} and all(r == by_step[r["step"]] for r in rows2)
