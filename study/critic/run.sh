@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The critic experiment of 2026-12-02 (README, "Value function"): the study's PPO run at β 0.2, seed 1,
+# with the value head on the frozen reward model's states instead of the policy's, started either as the
+# reward model's own normalised head or at zero. Needs the study's shared stages in runs/study (first
+# half of study/second_half.sh, checked against study/shared/SHA256SUMS). The variant is not on main:
+# it runs from a worktree of commit bb0cf27 with rm_states.patch applied. Two runs at a time, one thread each, ~17 min.
+# The baseline (zero head on the policy's states, --value-lr 1e-3) is study/metrics/ppo-beta0.2-seed1.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+here=$PWD W=/tmp/salsa-critic
+rm -rf $W && git worktree add -f --detach $W bb0cf27 >/dev/null && git -C $W apply "$here/study/critic/rm_states.patch"
+run() {  # name, --value-lr, VZERO (1: zero head)
+  (cd $W && VZERO=$3 OMP_NUM_THREADS=1 "$here/.venv/bin/python" ppo.py --ref sft --init-kl-coef 0.2 --no-adaptive-kl \
+    --seed 1 --gold py:salsa:gold_score --model "$here/runs/study/sft-seed1" --reward "$here/runs/study/rm" \
+    --data "$here/runs/study/data/ppo.jsonl" --steps 20 --lr 1e-05 --max-new-tokens 64 --save-every 50 \
+    --sample-every 5 --value-lr $2 --out "$here/runs/critic/$1") > "$here/runs/critic/$1.log" 2>&1
+}
+mkdir -p runs/critic
+run rm-init-1e-3 1e-3 "" & run rm-init-1e-4 1e-4 "" & wait
+run zero-1e-3 1e-3 1 & run zero-1e-2 1e-2 1 & wait
+git worktree remove --force $W
+"$here/.venv/bin/python" study/critic/summary.py runs/critic
