@@ -1,6 +1,7 @@
 """The prepared GPU check (`make gpu-check`): what only a GPU can show, in under 8 minutes on one
 H100/H200, downloading nothing. Without CUDA the same code runs on tiny models on the CPU in well
-under a minute (tests/test_gpu_check.py runs it), so it cannot rot before a GPU is lent.
+under a minute, each stage in this process (tests/test_gpu_check.py runs it), so it cannot rot
+before a GPU is lent.
 
     python tests/gpu_check.py --out runs/gpu-check        # writes OUT/report.md and OUT/report.json
 
@@ -19,8 +20,11 @@ models/):
   weights), generates with the policy gathered, writes a sharded checkpoint and resumes from it.
 """
 import argparse
+import importlib
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -60,15 +64,39 @@ def build(path: Path, shape: str, tok, device) -> int:
 
 def script(name: str, *flags, ranks: int = 0) -> list[dict]:
     """Run a stage script to the end and return its metrics.jsonl rows (OUT is the flag after --out);
-    ranks > 0: under torchrun with that many processes (FSDP2, also at 1)."""
+    ranks > 0: under torchrun with that many processes (FSDP2, also at 1). Without CUDA a stage runs
+    in this process instead (its `main` on the same flags; ranks 1: with the variables torchrun would
+    set): on tiny models a subprocess's imports are most of its time, and the CPU path must stay well
+    under a minute. On a GPU each stage has a process of its own, so each peak memory is its own."""
+    argv = list(map(str, flags))
+    out = argv[argv.index("--out") + 1]
+    if not torch.cuda.is_available() and ranks <= 1:
+        module = importlib.import_module(name.removesuffix(".py"))
+        env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(free_port())} if ranks else {}
+        print("$ (in this process)", *(["RANK=0 WORLD_SIZE=1"] if ranks else []), name, " ".join(argv), flush=True)
+        os.environ.update(env)
+        try:
+            module.main(salsa.parse_args(module.Args, argv))
+        finally:
+            for key in env:
+                del os.environ[key]
+            if torch.distributed.is_initialized():  # the next stage starts its own group
+                torch.distributed.destroy_process_group()
+        return salsa.read_jsonl(f"{out}.ckpt/metrics.jsonl")
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks else []
-    cmd = [sys.executable, *launch, str(ROOT / name), *map(str, flags)]
+    cmd = [sys.executable, *launch, str(ROOT / name), *argv]
     print("$", " ".join(cmd), flush=True)
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)  # a hung rank ends the check
     if res.returncode:
         raise SystemExit(f"{name} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
-    out = flags[list(flags).index("--out") + 1]
     return salsa.read_jsonl(f"{out}.ckpt/metrics.jsonl")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def matmul_rate(device, n: int) -> float:
@@ -205,7 +233,8 @@ def report(r: dict, big: str, small: str, seq_len: int, new_tokens: int) -> str:
               f"{v['score_s']:.2f} | {v['train_s']:.2f} | {v['peak_gb']:.1f} |" for k, v in r["ppo"].items()]
     p = r["memory_plan"]
     z = r["fsdp"]
-    lines += ["", f"FSDP2 on one rank (torchrun --nproc_per_node 1, the fp32 policy): step {z['step_s']:.2f} s = rollout "
+    how = "torchrun --nproc_per_node 1" if r["device"] != "CPU" else "world size 1 in the check's own process"
+    lines += ["", f"FSDP2 on one rank ({how}, the fp32 policy): step {z['step_s']:.2f} s = rollout "
               f"{z['rollout_s']:.2f} + scoring {z['score_s']:.2f} + training {z['train_s']:.2f}; peak {z['peak_gb']:.1f} GB; "
               f"sharded checkpoint {z['checkpoint']} ({', '.join(z['shard_files'])}); resumed, it logged steps "
               f"{z['resumed_steps']}, its step 2 off the uninterrupted run's by at most {z['resume_max_abs_diff']:.3g}."]
