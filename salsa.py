@@ -14,6 +14,7 @@ is plain and takes its inputs explicitly; the stage scripts hold the algorithms.
         --max-len 2048 --sft-steps 0 --sft-lr 2.5e-5 --rm-steps 0 --rm-lr 2e-5 --norm-samples 64 \
         --ppo-steps 0 --ppo-lr 2e-6 --max-new-tokens 512
     python salsa.py study                 SALSA against PPO: {sft, soup} x fixed β x seed (runs/study/report.md)
+    python salsa.py study --ablations mkl soup3 alpha0.25 alpha0.75     ... plus the ablations at --ablation-beta
     python salsa.py task --out DIR        only the offline task's data files
     python salsa.py convert-gguf FILE.gguf OUT_DIR
 
@@ -1038,7 +1039,8 @@ class Recipe:
     alphas: list[float] = arg([0.0, 0.25, 0.5, 0.75, 1.0], "soup weights of the alpha line (Fig. 2a/b)")
     alpha_limit: int = arg(32, "questions per point of the alpha line")
     ablations: list[str] = arg([], "extra runs: gibberish (PPO at β 0.01), kl-hack (SALSA at β 0.2), "
-                                   "mkl (eq. 5), soup3 (SALSA against a 3-SFT soup)")
+                                   "mkl (eq. 5), soup3 (SALSA against a 3-SFT soup), alpha0.25 and alpha0.75 "
+                                   "(SALSA against the soup at that α, Fig. 4a)")
 
 
 @dataclass
@@ -1049,6 +1051,8 @@ class Study(Recipe):
     betas: list[float] = arg([0.01, 0.05, 0.2], "the fixed β of the runs (App. A.3: 0.01 for SALSA, 0.2 for PPO)")
     seeds: list[int] = arg([1, 2], "PPO seeds; one seed gives both methods the same prompts and first rollouts")
     boot: int = arg(2000, "bootstrap resamples (over questions and seeds) of every interval")
+    ablation_beta: float = arg(0.2, "the fixed β of the --ablations runs, for every seed (pick it on the grid's "
+                                    "dev half: 0.2 for both methods in the committed study)")
 
 
 def recipe(a: Recipe):
@@ -1062,7 +1066,9 @@ def recipe(a: Recipe):
     extra = {"gibberish": ("ppo-beta0.01", ["--ref", "sft", "--init-kl-coef", 0.01]),
              "kl-hack": ("salsa-beta0.2", ["--ref", "soup", "--soup", R / "soup", "--init-kl-coef", 0.2]),
              "mkl": ("mkl", ["--ref", "mkl", "--soup-models", R / "sft-seed1", R / "sft-seed2", "--init-kl-coef", 0.2]),
-             "soup3": ("salsa-soup3", ["--ref", "soup", "--soup", R / "soup3", "--init-kl-coef", 0.01])}
+             "soup3": ("salsa-soup3", ["--ref", "soup", "--soup", R / "soup3", "--init-kl-coef", 0.01]),
+             **{f"alpha{x:g}": (f"salsa-alpha{x:g}", ["--ref", "soup", "--soup-models", R / "sft-seed1", R / "sft-seed2",
+                                                      "--alpha", x, "--init-kl-coef", 0.01]) for x in (0.25, 0.75)}}
     if set(a.ablations) - set(extra):
         sys.exit(f"--ablations {' '.join(a.ablations)}: expected some of {', '.join(extra)}")
     R.mkdir(parents=True, exist_ok=True)
@@ -1104,8 +1110,10 @@ def recipe(a: Recipe):
             "salsa": ["--ref", "soup", "--soup", R / "soup", "--init-kl-coef", 0.01],
             **dict(extra[x] for x in a.ablations)}
     if study:  # the two methods differ only by the reference; β fixed (no controller), gold logged on rollouts
-        runs = {f"{m}-beta{b:g}-seed{s}": [*runs[m][:-2], "--init-kl-coef", b, "--no-adaptive-kl", "--seed", s,
-                                           "--gold", a.judge] for m in ("ppo", "salsa") for b in a.betas for s in a.seeds}
+        grid = [(m, b) for m in ("ppo", "salsa") for b in a.betas] + [(x, a.ablation_beta) for x in a.ablations]
+        named = {m: (m, runs[m]) for m in ("ppo", "salsa")} | extra  # method or ablation -> (run name, flags)
+        runs = {f"{named[m][0]}-beta{b:g}-seed{s}": [*named[m][1][:-2], "--init-kl-coef", b, "--no-adaptive-kl",
+                                                     "--seed", s, "--gold", a.judge] for m, b in grid for s in a.seeds}
     for name, flags in runs.items():  # every run starts from the same SFT model and sees the same prompts
         stage(name, R / name, [script["ppo"], *flags, "--model", sft[1], "--reward", R / "rm", "--data", prompts,
                                "--steps", a.ppo_steps, "--lr", a.ppo_lr, "--max-new-tokens", a.max_new_tokens,
@@ -1212,7 +1220,9 @@ def write_study(a: Study, R: Path, runs: list[str], questions: str, answers: dic
     per_q = lambda what, names, half: torch.tensor([[score[what](n, q, p) for q, p in halves[half]] for n in names])
     logs = {n: read_jsonl(R / f"{n}.ckpt" / "metrics.jsonl") for n in runs}
     last = lambda n, k: sum(m.get(k, float("nan")) for m in logs[n][-5:]) / len(logs[n][-5:])
-    grid = {(m, b): [f"{m}-beta{b:g}-seed{s}" for s in a.seeds] for m in ("ppo", "salsa") for b in a.betas}
+    methods = dict.fromkeys(["ppo", "salsa"] + [n.rsplit("-beta", 1)[0] for n in runs])  # the grid's, then ablations
+    grid = {(m, b): [f"{m}-beta{b:g}-seed{s}" for s in a.seeds] for m in methods for b in sorted({*a.betas, a.ablation_beta})
+            if f"{m}-beta{b:g}-seed{a.seeds[0]}" in runs}
     best = {m: max(a.betas, key=lambda b: per_q("gold", grid[m, b], "dev").mean().item()) for m in ("ppo", "salsa")}
     fmt = lambda t: f"{t[0]:.3f} [{t[1]:.3f}, {t[2]:.3f}]"
     lines = [f"# SALSA against PPO: {a.model}, {len(a.seeds)} seeds x β {a.betas}, judged by {a.judge}", "",
@@ -1234,6 +1244,12 @@ def write_study(a: Study, R: Path, runs: list[str], questions: str, answers: dic
         lines.append(f"| {m} | {b:g} | {per_q('gold', names, 'dev').mean():.3f} | "
                      f"{fmt(bootstrap(per_q('gold', names, 'test'), a.boot))} | {per_q('rm', names, 'test').mean():.3f} | "
                      f"{train[0]:.2f} | {train[1]:.2f} | {words:.1f} | {train[2]:.2f} | {train[3]:.2f} |")
+    ablations = [(m, b) for m, b in grid if m not in ("ppo", "salsa") and ("salsa", b) in grid]
+    if ablations:
+        lines += ["", "Ablations (runs other than ppo and salsa) against SALSA at their β, the same seeds (test half):", ""]
+    for m, b in ablations:
+        diff = per_q("gold", grid[m, b], "test") - per_q("gold", grid["salsa", b], "test")  # (seeds, questions)
+        lines.append(f"- gold, {m} − salsa at β {b:g}: {fmt(bootstrap(diff, a.boot))}")
     lines += ["", "KL columns: nats per response, the last 5 training steps. No-EOS rate and explained variance: PPO's "
               "rollouts, the last 5 steps.", "", "## The premise: the soup against its two SFT models (all questions)", ""]
     every_q = lambda what, names: torch.cat([per_q(what, names, h) for h in ("dev", "test")], 1)
@@ -1272,13 +1288,13 @@ def write_study(a: Study, R: Path, runs: list[str], questions: str, answers: dic
             plt.subplot(1, len(keys), i + 1)
             for n in runs:
                 plt.plot([r["step"] for r in logs[n]], [r[k] for r in logs[n]], lw=0.8, alpha=0.7,
-                         color="tab:blue" if n.startswith("ppo") else "tab:orange")
+                         color={"ppo": "tab:blue", "salsa": "tab:orange"}.get(n.rsplit("-beta", 1)[0], "tab:gray"))
             plt.title(k.split("/")[1], fontsize=9)
             plt.xlabel("step")
         plt.gcf().set_size_inches(16, 3.2)
     plot(R / "frontier.png", frontier)
     plot(R / "curves.png", curves)
-    lines += ["", "## Frontier (Gao et al. 2022) and training curves (blue PPO, orange SALSA)", "", "![frontier](frontier.png)",
+    lines += ["", "## Frontier (Gao et al. 2022) and training curves (blue PPO, orange SALSA, grey ablations)", "", "![frontier](frontier.png)",
               "", "![training curves](curves.png)"]
     Path(R, "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:12]) + f"\n...\nwrote {R / 'report.md'}")

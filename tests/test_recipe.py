@@ -179,11 +179,11 @@ def test_recipe_refuses_unknown_ablation_before_any_work(tmp_path):
 
 def test_study_end_to_end(toy_recipe):
     """`python salsa.py study` with toy sizes in the recipe's folder (its SFT models, soup and reward model
-    are reused, as a study after a recipe would): the grid of paired runs, report.md with its comparison,
-    table, premise and plots, from what the stages wrote."""
+    are reused, as a study after a recipe would): the grid of paired runs and two ablations, report.md with its
+    comparison, table, ablations, premise and plots, from what the stages wrote."""
     recipe_cmd, _, s = toy_recipe
     cmd = [*recipe_cmd[:2], "study", *recipe_cmd[2:-2], "--ppo-steps", "2", "--betas", "0.01", "0.2",
-           "--seeds", "3", "--boot", "200"]  # one seed, not the default, keeps CI short
+           "--seeds", "3", "--boot", "200", "--ablations", "mkl", "alpha0.25"]  # one seed, not the default: CI is short
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env=ONE_THREAD)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert res.stdout.count("skipped: ") == 6  # task, the SFT pair, the soup, the reward model, the alpha line
@@ -197,9 +197,13 @@ def test_study_end_to_end(toy_recipe):
         assert first[0]["objective/gold"] == first[1]["objective/gold"]
         assert first[0]["objective/response_len"] == first[1]["objective/response_len"]
         assert first[0]["objective/score"] == first[1]["objective/score"] and first[0]["objective/kl"] == 0.0
+    for n in ("mkl", "salsa-alpha0.25"):  # the ablations run at --ablation-beta, paired with SALSA there too
+        log = salsa.read_jsonl(s / f"{n}-beta0.2-seed3.ckpt" / "metrics.jsonl")
+        assert log[0]["kl_coef"] == 0.2 and log[0]["objective/gold"] == logs["salsa-beta0.2-seed3"][0]["objective/gold"]
     md = (s / "report.md").read_text()
     for text in ("β chosen on dev: PPO", "- Gold score difference, SALSA − PPO:", "| ppo | 0.01 |", "| salsa | 0.2 |",
-                 "- gold, soup − sft:", "- rm, soup − sft-seed2:", "- policy samples (every run): it orders", "| 1.00 |", "Last sampled rollouts of ppo-beta0.01-seed3"):
+                 "- gold, soup − sft:", "- rm, soup − sft-seed2:", "| mkl | 0.2 |", "| salsa-alpha0.25 | 0.2 |",
+                 "- gold, mkl − salsa at β 0.2:", "- gold, salsa-alpha0.25 − salsa at β 0.2:", "- policy samples (every run): it orders", "| 1.00 |", "Last sampled rollouts of ppo-beta0.01-seed3"):
         assert text in md, text
     assert "eval.py judge" not in res.stdout  # gold scores per question, no pairwise verdicts
     questions = salsa.read_jsonl(s / "data" / "eval.jsonl")  # the table's gold columns, from the files alone
