@@ -19,4 +19,15 @@ mkdir -p runs/critic
 run rm-init-1e-3 1e-3 "" & run rm-init-1e-4 1e-4 "" & wait
 run zero-1e-3 1e-3 1 & run zero-1e-2 1e-2 1 & wait
 git worktree remove --force $W
+# the value warm-up (warmup.patch, on commit 4c4e18f): main's critic, the policy's lr 0 for the first 10 of 30
+# steps, so the head alone learns on the initial policy's rollouts (the records stopped after 9 steps)
+rm -rf $W && git worktree add -f --detach $W 4c4e18f >/dev/null && git -C $W apply "$here/study/critic/warmup.patch"
+warm() {  # name, --value-lr
+  (cd $W && WARM=10 OMP_NUM_THREADS=1 "$here/.venv/bin/python" ppo.py --ref sft --init-kl-coef 0.2 --no-adaptive-kl \
+    --seed 1 --gold py:salsa:gold_score --model "$here/runs/study/sft-seed1" --reward "$here/runs/study/rm" \
+    --data "$here/runs/study/data/ppo.jsonl" --steps 30 --lr 1e-05 --max-new-tokens 64 --save-every 50 \
+    --sample-every 5 --value-lr $2 --out "$here/runs/critic/$1") > "$here/runs/critic/$1.log" 2>&1
+}
+warm warmup10-1e-3 1e-3 & warm warmup10-1e-2 1e-2 & wait
+git worktree remove --force $W
 "$here/.venv/bin/python" study/critic/summary.py runs/critic
