@@ -14,14 +14,16 @@ One step, numbered like the algorithm box in `main`:
     1 rollout  2 score  3 log-probs/values  4 per-token rewards  5 GAE  6 PPO epochs  7 KL controller
 
 Choices, and where we depart from the usual recipe:
-- Value function: a zero-initialised scalar head on the policy's last hidden states. TRL and
-  OpenRLHF train a separate critic initialised from the reward model; sharing the backbone makes
-  one forward/backward serve both losses (half the memory and compute, which is what lets a 7B
-  run fit), at the price of value gradients flowing into the policy (vf_coef 0.1 keeps them small).
-  The head has its own learning rate (--value-lr 1e-3): from zero at the policy's lr it cannot reach
-  the returns' scale within a run, and GAE then degenerates to a λ-discounted return (the first
-  token of a 35-token answer gets 0.95^34 ≈ 0.17 of the credit). Adam makes the head's steps
-  about lr in size whatever vf_coef is; val/explained_var shows whether the critic learns.
+- Value function (--critic reward, the default): a whole critic, as TRL and OpenRLHF train it: a copy
+  of the reward model, trained, whose normalised head read at every response position is V (at the
+  start, the reward model's score of the answer so far). It has its own learning rate (--value-lr,
+  1e-4 here). --critic head is the cheaper alternative: a zero-initialised linear head on the policy's
+  last hidden states (one trained network: half the memory and compute; value gradients flow into the
+  policy, vf_coef 0.1 keeps them small). At 135M the head did not learn (explained variance near 0
+  whatever its lr, features or warm-up), while the whole critic at 1e-4 averaged +0.3 to +0.5 over
+  the last 10 of 20 steps (README, "The critic, tried again"). A critic that does not learn leaves
+  GAE a λ-discounted return: the first token of a 35-token answer gets 0.95^34 ≈ 0.17 of the credit.
+  val/explained_var shows whether it learns.
 - Old log-probs come from a teacher-forced forward after sampling, not from `generate`'s scores,
   so the first minibatch's ratio is exactly 1; logits are divided by the temperature in both.
   Sampling is plain temperature sampling (top_k 0, top_p 1): any other warper would make the
@@ -57,15 +59,18 @@ class Args:
     alpha: float = salsa.arg(0.5, "soup weight of the second model, eq. 3 (paper: 0.5 best); >2 models: uniform")
     data: str = salsa.arg("HuggingFaceH4/ultrafeedback_binarized", "prompts: hub name or local json/jsonl/parquet")
     split: str = salsa.arg("train_prefs", "dataset split of --data")
-    out: str = salsa.arg("runs/salsa", "output dir of the final policy (+ value head); must not exist")
+    out: str = salsa.arg("runs/salsa", "output dir of the final policy (+ its critic); must not exist")
     init_kl_coef: float = salsa.arg(-1.0, "initial β; <0: the paper's 0.2 for sft/mkl and 0.01 for soup (App. A.3)")
     adaptive_kl: bool = salsa.arg(True, "Ziegler et al. 2019 adaptive β (App. A.3 says 'initial' β)")
     target_kl: float = salsa.arg(6.0, "adaptive controller's target KL, nats per sequence")
     kl_horizon: int = salsa.arg(10000, "adaptive controller's horizon, in sequences")
     kl_estimator: Literal["k1", "k3"] = salsa.arg("k1", "per-token KL: k1 = log π - log π_ref; k3 = r - 1 - log r")
     lr: float = salsa.arg(2e-6, "learning rate (App. A.3: 2e-6 for 7B, 1e-7 for Gemma-2B), linear decay")
-    value_lr: float = salsa.arg(1e-3, "learning rate of the value head alone (linear decay too): it starts at 0, "
-                                      "and at the policy's lr it could move V by ~0.3 in 40 updates")
+    critic: Literal["reward", "head"] = salsa.arg("reward", "value model: reward = a trained copy of the reward "
+                                                  "model (a second trained network); head = a linear head on the "
+                                                  "policy's states (half the memory; at 135M it does not learn)")
+    value_lr: float = salsa.arg(0.0, "learning rate of the critic alone (linear decay too); 0: 1e-4 for --critic "
+                                     "reward, 1e-3 for --critic head (measured at 135M; OpenRLHF's 7B critic: 9e-6)")
     batch_size: int = salsa.arg(8, "prompts per PPO step, over all ranks (App. A.3)")
     ppo_epochs: int = salsa.arg(2, "optimisation epochs over each batch (App. A.3)")
     minibatches: int = salsa.arg(1, "optimizer steps per epoch; batch_size must divide evenly")
@@ -98,19 +103,29 @@ class Args:
 
 
 class PolicyWithValue(nn.Module):
-    """The causal LM plus a scalar value head on its last hidden states (shared backbone)."""
+    """The causal LM plus its critic: a whole one (`critic`, a reward model being trained) whose normalised
+    head read on the state before each response token is V, or else a scalar head on the LM's own states."""
 
-    def __init__(self, lm):
+    def __init__(self, lm, critic=None):
         super().__init__()
         self.lm = lm
-        self.v_head = nn.Linear(lm.config.hidden_size, 1, dtype=lm.dtype)
-        nn.init.zeros_(self.v_head.weight)  # V = 0 at the start: no made-up value before any return is seen
-        nn.init.zeros_(self.v_head.bias)
+        self.critic = critic
+        if critic is None:
+            self.v_head = nn.Linear(lm.config.hidden_size, 1, dtype=lm.dtype)
+            nn.init.zeros_(self.v_head.weight)  # V = 0 at the start: no made-up value before any return is seen
+            nn.init.zeros_(self.v_head.bias)
+
+    def value_model(self) -> nn.Module:
+        """What the value loss trains (with its own lr and gradient clipping)."""
+        return self.v_head if self.critic is None else self.critic
 
     def forward(self, ids, mask, n_prompt: int, temperature: float):
         """log π(y_t | ...), entropy and V for each response position t, each (B, R)."""
         logp, entropy, h = response_logprobs(self.lm, ids, mask, n_prompt, temperature)
-        return logp, entropy, self.v_head(h).squeeze(-1).float()
+        if self.critic is None:
+            return logp, entropy, self.v_head(h).squeeze(-1).float()
+        h = salsa.hidden_states(self.critic, ids, mask)[:, n_prompt - 1:-1]  # (B, R, d): the critic's, before y_t
+        return logp, entropy, salsa.reward_head(self.critic, h)
 
     def generate(self, **kw):  # sampling goes through the FSDP root too: salsa.shard registers this as a forward
         return self.lm.generate(**kw)
@@ -158,13 +173,18 @@ def gae(rewards, values, mask, gamma: float, lam: float):
     return adv * mask, (adv + values) * mask
 
 
+def moments(x, mask, dist=salsa.Dist()):
+    """(count, mean, unbiased variance) of x over the real tokens of every rank's batch."""
+    n = salsa.all_sum(mask.sum(), dist)
+    mean = salsa.all_sum((x * mask).sum(), dist) / n
+    return n, mean, salsa.all_sum(((x - mean) ** 2 * mask).sum(), dist) / (n - 1).clamp(min=1)
+
+
 def whiten(x, mask, shift_mean=True, dist=salsa.Dist()):
     """Zero mean, unit variance over the real tokens of every rank's batch (check_args makes it 2 or more)."""
-    n = salsa.all_sum(mask.sum(), dist)
+    n, mean, var = moments(x, mask, dist)
     if n < 2:
         raise ValueError(f"whitening needs 2 or more tokens to estimate a variance, got {int(n)}")
-    mean = salsa.all_sum((x * mask).sum(), dist) / n
-    var = salsa.all_sum(((x - mean) ** 2 * mask).sum(), dist) / (n - 1).clamp(min=1)  # unbiased
     white = (x - mean) * torch.rsqrt(var + 1e-8)
     return (white if shift_mean else white + mean) * mask
 
@@ -278,6 +298,7 @@ def check_args(args):
         raise salsa.InputError("--batch-size must be 2 or more: advantages are whitened over the batch's tokens")
     if args.init_kl_coef < 0:
         args.init_kl_coef = 0.01 if args.ref == "soup" else 0.2  # App. A.3 (MKL: none given; as PPO)
+    args.value_lr = args.value_lr or {"reward": 1e-4, "head": 1e-3}[args.critic]
     paths = [p for p in [args.model, args.soup, *args.soup_models, args.reward] if p]
     for path in paths:
         if not Path(path).is_dir():
@@ -287,15 +308,18 @@ def check_args(args):
 
 
 def save_policy(path, policy, tok, dist, files=None):
-    """The policy as a plain HF directory (transformers loads it) plus value_head.safetensors.
-    Every rank calls it (FSDP gathers the weights); rank 0 writes."""
+    """The policy as a plain HF directory (transformers loads it) plus its critic: a reward-model directory
+    critic/ (--critic reward) or value_head.safetensors. Every rank calls it (FSDP gathers the weights); rank 0 writes."""
     state = salsa.full_state_dict(policy, dist)
     part = lambda prefix: {k.removeprefix(prefix): v.contiguous() for k, v in state.items() if k.startswith(prefix)}
 
     def write(tmp):
         policy.lm.save_pretrained(tmp, safe_serialization=True, state_dict=part("lm."))
         tok.save_pretrained(tmp)
-        save_file(part("v_head."), f"{tmp}/value_head.safetensors")
+        if policy.critic is None:
+            save_file(part("v_head."), f"{tmp}/value_head.safetensors")
+        else:
+            policy.critic.save_pretrained(f"{tmp}/critic", safe_serialization=True, state_dict=part("critic."))
         for name, obj in (files or {}).items():
             Path(tmp, name).write_text(json.dumps(obj, indent=1))
     if dist.main:
@@ -321,10 +345,13 @@ def main(args: Args):
     flags = {k: v for k, v in vars(args).items() if k not in ("resume", "out")}  # defaults filled in by check_args
     resume_from, state = salsa.resume_point(ckpt_dir, args.resume, flags, dist)
     # a sharded (torchrun) checkpoint holds no HF weights: load_optimizer_state restores them
-    policy = PolicyWithValue(salsa.load_model((not dist.sharded and resume_from) or args.model, tok, **kw, train=True,
-                                              allow_pickle=args.allow_pickle))
-    if state:
-        policy.v_head.load_state_dict(state["v_head"])
+    lm = salsa.load_model((not dist.sharded and resume_from) or args.model, tok, **kw, train=True,
+                          allow_pickle=args.allow_pickle)
+    critic = salsa.load_reward_model(args.reward, args.dtype, args.attn, dist.device, dist, args.allow_pickle,
+                                     train=True) if args.critic == "reward" else None
+    policy = PolicyWithValue(lm, critic)
+    if state and not dist.sharded:  # sharded: load_optimizer_state restores every weight
+        policy.value_model().load_state_dict(state["value"])
     policy = salsa.shard(policy.to(dist.device), dist, train=True)
     refs, init = load_references(args, tok, dist)
     rm = salsa.load_reward_model(args.reward, args.frozen_dtype or args.dtype, args.attn, dist.device, dist,
@@ -333,8 +360,8 @@ def main(args: Args):
 
     updates = steps * args.ppo_epochs * args.minibatches
     # fused: one kernel over every tensor (on 2 CPU cores 0.07 s a step at 135M, the per-tensor loop 0.57 s)
-    groups = [{"params": [p for n, p in policy.named_parameters() if not n.startswith("v_head.")]},
-              {"params": list(policy.v_head.parameters()), "lr": args.value_lr}]  # the critic's own lr
+    groups = [{"params": list(policy.lm.parameters())},
+              {"params": list(policy.value_model().parameters()), "lr": args.value_lr}]  # the critic's own lr
     opt = torch.optim.AdamW(groups, lr=args.lr, eps=1e-5, weight_decay=0.0, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: salsa.lr_lambda(u, updates, 0, "linear"))
     torch.manual_seed(args.seed + dist.rank)  # sampling does not depend on how many models were loaded
@@ -405,7 +432,8 @@ def main(args: Args):
                     for name, v in {**s, "ppo/policy_loss": pg.item(), "ppo/value_loss": vf.item()}.items():
                         stats[name] = stats.get(name, 0.0) + v
                     n_tok += rmask[micro].sum().item()
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.lm.parameters(), args.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(policy.value_model().parameters(), args.max_grad_norm)  # its own norm
                 opt.step()
                 sched.step()
         t3 = time.time()
@@ -423,12 +451,13 @@ def main(args: Args):
             "objective/no_eos_frac": (~has_eos).float().mean().item(),
             **{k: v / n_tok for k, v in stats.items()},  # token means over all epochs and minibatches
             "ppo/grad_norm_last": salsa.full(grad_norm).item(),  # the last minibatch's, before clipping
-            "val/explained_var": (1 - torch.var((returns - old_values)[rmask > 0]) / torch.var(returns[rmask > 0])).item(),
+            # over every rank's tokens: a mean of the ranks' ratios would not be the batch's
+            "val/explained_var": (1 - moments(returns - old_values, rmask, dist)[2] / moments(returns, rmask, dist)[2]).item(),
             "lr": lr, "prompt_width": P, "time/rollout": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2,
             "mem/peak_gb": salsa.peak_memory_gb(dist.device),
         }
         if dist.world > 1:  # means of the ranks' values (exact for per-sequence means: equal rows per rank)
-            names = [k for k in metrics if k not in ("step", "prompt_width")]  # the width: rank 0's rows
+            names = [k for k in metrics if k not in ("step", "prompt_width", "val/explained_var")]  # the width: rank 0's
             means = salsa.all_sum(torch.tensor([metrics[k] for k in names], dtype=torch.float64, device=dist.device), dist)
             metrics |= dict(zip(names, (means / dist.world).tolist()))
             seq_kl = metrics["objective/kl"]  # the KL controller must see the same KL on every rank
@@ -443,8 +472,9 @@ def main(args: Args):
             if (step + 1) % args.sample_every == 0 or step == 0:
                 samples(tok, seq, P, score, step + 1, f"{ckpt_dir}/samples.jsonl")
         if (step + 1) % args.save_every == 0 and step + 1 < steps:
+            value = None if dist.sharded else policy.value_model().state_dict()  # sharded: in the optimizer state
             state = salsa.trainer_state(policy, opt, sched, step + 1, dist, flags=flags, kl_coef=kl_coef, first=first,
-                                        v_head={k: salsa.full(v) for k, v in policy.v_head.state_dict().items()})
+                                        value=value)
             salsa.save_checkpoint(ckpt_dir, step + 1, policy.lm, tok, state, dist=dist)
     # only rank 0 writes the log, so only it reads it (another rank could get there first)
     files = {"metrics.json": salsa.read_jsonl(log)[-1], "args.json": vars(args)} if dist.main else None

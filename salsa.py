@@ -845,11 +845,12 @@ def read_jsonl(path: str) -> list[dict]:
 
 # ---------------------------------------------------------------- reward models
 def load_reward_model(path: str, dtype: str = "float32", attn: str = "sdpa", device="cpu", dist: Dist | None = None,
-                      allow_pickle: bool = False):
+                      allow_pickle: bool = False, train: bool = False):
     """A reward model saved by reward.py: a standard AutoModelForSequenceClassification (num_labels=1)
     directory whose config.json also carries `reward_bias` and `reward_gain` (1 if absent), the
     normalisation reward_scores applies.
-    Eval mode, dropout off, sharded under torchrun; freezing it (requires_grad) is the caller's choice."""
+    Eval mode, dropout off, sharded under torchrun (`train`: as a trained model, ppo.py's critic);
+    freezing it (requires_grad) is the caller's choice."""
     from transformers import AutoModelForSequenceClassification
 
     def build():
@@ -861,7 +862,7 @@ def load_reward_model(path: str, dtype: str = "float32", attn: str = "sdpa", dev
             raise InputError(f"{path}: `reward_gain` in config.json is {gain!r}, expected a positive number")
         disable_dropout(rm)
         return rm
-    return distribute(build, dist or Dist(device=torch.device(device))).eval()
+    return distribute(build, dist or Dist(device=torch.device(device)), train).eval()
 
 
 def reward_scores(rm, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -873,9 +874,13 @@ def reward_scores(rm, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if a real token shares that id) and gives left-padded rows shifted positions."""
     h = hidden_states(rm, ids, mask)  # (B, T, d)
     last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)  # (B,)
-    h_last = h[torch.arange(h.shape[0], device=h.device), last]  # (B, d)
-    # the head in fp32, so a bf16 model's rewards are not rounded to 8 mantissa bits
-    raw = F.linear(h_last.float(), rm.score.weight.float()).squeeze(-1)
+    return reward_head(rm, h[torch.arange(h.shape[0], device=h.device), last])  # (B,)
+
+
+def reward_head(rm, h: torch.Tensor) -> torch.Tensor:
+    """The normalised reward (...) of states h (..., d): the scalar head in fp32 (a bf16 model's rewards
+    are not rounded to 8 mantissa bits), minus config.reward_bias, times config.reward_gain."""
+    raw = F.linear(h.float(), rm.score.weight.float()).squeeze(-1)
     return (raw - rm.config.reward_bias) * getattr(rm.config, "reward_gain", 1.0)
 
 

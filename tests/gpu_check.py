@@ -14,8 +14,9 @@ models/):
 - PPO: ppo.py steps at App. A.3's batch of 8 with 512 new tokens on that shape, fp32 policy and bf16
   policy: rollout tokens/s and share of the step, scoring and training time, peak memory; beside
   them a plain bf16 forward and backward of the same tokens, to show where the time goes;
-- memory plan: the PPO peak at two sizes against the per-GPU formula at world size 1 (16 B/param for
-  the policy, 2 B/param for each bf16 frozen model), and the line through both extrapolated to 7B.
+- memory plan: the PPO peak at two sizes against the per-GPU formula at world size 1 (16 B/param each
+  for the policy and its critic, ppo.py's default --critic reward; 2 B/param for each bf16 frozen
+  model), and the line through both extrapolated to 7B.
 - the FSDP2 path: torchrun with one rank shards every model (on CUDA, bf16 compute over fp32 master
   weights), generates with the policy gathered, writes a sharded checkpoint and resumes from it.
 """
@@ -201,15 +202,16 @@ def main():
     width = rep["ppo"][f"{big} bfloat16"]["prompt_width"] + new_tokens
     rep["plain_bf16_fwd_bwd_s"] = plain_step(work / big / "lm", 8, width, device)
 
-    # the memory plan at world size 1: 16 B/param (fp32 weights, gradients, Adam m, v) + 2 x 2 B/param (bf16 frozen)
+    # the memory plan at world size 1: 2 x 16 B/param (policy and critic: fp32 weights, gradients, Adam m, v)
+    # + 2 x 2 B/param (bf16 frozen reference and reward model)
     plan = {}
     for shape, n in ((big, n_big), (small, n_small)):
         total = n + SHAPES[shape][0] * len(tok)  # the input embedding is held too
-        plan[shape] = {"params": total, "formula_gb": 20 * total / 2**30,
+        plan[shape] = {"params": total, "formula_gb": 36 * total / 2**30,
                        "measured_gb": rep["ppo"][f"{shape} float32"]["peak_gb"]}
     slope = (plan[big]["measured_gb"] - plan[small]["measured_gb"]) / (plan[big]["params"] - plan[small]["params"])
     plan["7.24b_line_gb"] = plan[big]["measured_gb"] + slope * (7.24e9 - plan[big]["params"])
-    plan["7.24b_formula_gb"] = 20 * 7.24e9 / 2**30
+    plan["7.24b_formula_gb"] = 36 * 7.24e9 / 2**30
     rep["memory_plan"] = plan
     rep["seconds"] = time.time() - start
     out.mkdir(parents=True, exist_ok=True)
@@ -240,7 +242,7 @@ def report(r: dict, big: str, small: str, seq_len: int, new_tokens: int) -> str:
               f"{z['resumed_steps']}, its step 2 off the uninterrupted run's by at most {z['resume_max_abs_diff']:.3g}."]
     lines += ["", f"A plain bf16 forward and backward of the same 8 rows: {r['plain_bf16_fwd_bwd_s']:.3f} s (PPO trains "
               "2 epochs of 8 one-row micro-batches, plus a value head and fp32 log-probs).", "",
-              "## Memory plan at world size 1 (fp32 policy 16 B/param, two bf16 frozen models 2 B/param each)", "",
+              "## Memory plan at world size 1 (fp32 policy and critic 16 B/param each, two bf16 frozen models 2 B/param each)", "",
               "| model | parameters | formula (GB) | measured peak (GB) |", "|---|---:|---:|---:|"]
     lines += [f"| {s} | {p[s]['params'] / 1e9:.2f}B | {p[s]['formula_gb']:.1f} | {p[s]['measured_gb']:.1f} |" for s in (small, big)]
     lines += ["", f"At 7.24B on one GPU: the formula says {p['7.24b_formula_gb']:.0f} GB held; the line through the two "

@@ -189,11 +189,11 @@ def test_ppo_under_torchrun_and_its_resume(tiny, tok, tmp_path):
         assert res.returncode == 0, res.stderr[-3000:]
         rows = [{k: v for k, v in r.items() if not k.startswith(("time/", "mem/"))}
                 for r in salsa.read_jsonl(f"{out}.ckpt/metrics.jsonl")]
-        return rows, load_file(out / "model.safetensors"), load_file(out / "value_head.safetensors")
+        return rows, load_file(out / "model.safetensors"), load_file(out / "critic" / "model.safetensors")
 
-    rows, weights, v_head = ppo_run()
+    rows, weights, critic = ppo_run()  # --critic reward: a second trained network, sharded and resumed too
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[0]["objective/kl"] != 0.0
-    assert "lm_head.weight" not in weights and v_head["weight"].shape == (1, 32)
+    assert "lm_head.weight" not in weights and critic["score.weight"].shape == (1, 32)
     out.rename(tmp_path / "first")
     ckpt = Path(salsa.latest_checkpoint(f"{out}.ckpt"))
     assert ckpt.name == "step-00000002"
@@ -202,19 +202,20 @@ def test_ppo_under_torchrun_and_its_resume(tiny, tok, tmp_path):
     assert not list(ckpt.glob("*.safetensors"))
     trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     assert isinstance(trainer_state["optimizer"], salsa.Sharded) and trainer_state["optimizer"].state == ""
-    rows2, weights2, v_head2 = ppo_run("--resume")
+    rows2, weights2, critic2 = ppo_run("--resume")
     by_step = {r["step"]: r for r in rows}  # ppo.py appends: the resumed run logs step 3 a second time
     assert {r["step"] for r in rows2} == {1, 2, 3} and all(r == by_step[r["step"]] for r in rows2)
-    assert all(torch.equal(weights[k], weights2[k]) for k in weights) and torch.equal(v_head["weight"], v_head2["weight"])
+    assert all(torch.equal(weights[k], weights2[k]) for k in weights) and all(torch.equal(critic[k], critic2[k]) for k in critic)
 
 
 def test_ppo_update_under_fsdp_equals_one_process(tiny, tok, tmp_path):
     """One PPO step (2 epochs) on the same 4 rows: 2 ranks x 2 micro-batches, and torchrun's 1 rank x 4
     (FSDP2 at world size 1, the path `make gpu-check` takes on one GPU), against 1 process x 4.
-    Embeddings, norms, every layer and the value head land where one process puts them; the metrics
-    (score, KL, whitened advantages' losses, explained variance) agree; and FSDP reduces gradients once
-    per optimizer step, not per micro-batch: 2 steps x 4 FSDP units (2 layers, the LM's root with the
-    embeddings and norm, the policy's with the value head), where reducing every micro-batch makes 16."""
+    Embeddings, norms, every layer of the policy and of its critic (--critic reward) land where one process
+    puts them; the metrics (score, KL, whitened advantages' losses, explained variance over every rank's
+    tokens) agree; and FSDP reduces gradients once per optimizer step, not per micro-batch: 2 steps x 6
+    FSDP units with parameters (2 layers and a root with embeddings, norm and head, for the LM and for the
+    critic), where reducing every micro-batch makes 24."""
     from safetensors.torch import load_file
     from conftest import make_tiny
     other = make_tiny(tmp_path / "other", tok, seed=5)
@@ -226,7 +227,7 @@ def test_ppo_update_under_fsdp_equals_one_process(tiny, tok, tmp_path):
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Question {i}: is {'yes ' * i}no?"}) + "\n"
                                                     for i in range(4)))
     flags = ["--ref", "soup", "--soup-models", tiny, other, "--reward", rm, "--data", tmp_path / "prompts.jsonl",
-             "--batch-size", 4, "--micro-batch", 1, "--steps", 1, "--lr", 1e-3, "--sample-every", 100]
+             "--batch-size", 4, "--micro-batch", 1, "--steps", 1, "--lr", 1e-3, "--value-lr", 1e-3, "--sample-every", 100]
     rows, weights = {}, {}
     for n, launch in ((1, []), (2, ["--nproc_per_node", "2"]), ("1 rank", ["--nproc_per_node", "1"])):
         out = tmp_path / f"ppo{n}".replace(" ", "")
@@ -237,24 +238,25 @@ def test_ppo_update_under_fsdp_equals_one_process(tiny, tok, tmp_path):
         assert res.returncode == 0, res.stderr[-3000:]
         rows[n] = {k: v for k, v in salsa.read_jsonl(f"{out}.ckpt/metrics.jsonl")[0].items()
                    if not k.startswith(("time/", "mem/")) and k != "prompt_width"}  # timings; rank 0's rows are narrower
-        weights[n] = load_file(out / "model.safetensors") | {f"v_head.{k}": v for k, v in
-                                                              load_file(out / "value_head.safetensors").items()}
+        weights[n] = load_file(out / "model.safetensors") | {f"critic.{k}": v for k, v in
+                                                              load_file(out / "critic" / "model.safetensors").items()}
     assert rows[1]["objective/kl"] > 0 and rows[1].keys() == rows[2].keys() == rows["1 rank"].keys()
     for k in rows[1]:
         assert rows[2][k] == pytest.approx(rows[1][k], rel=1e-4, abs=1e-6), k
         assert rows["1 rank"][k] == pytest.approx(rows[1][k], rel=1e-4, abs=1e-6), k
     init = load_file(Path(tiny) / "model.safetensors")
-    assert weights[1].keys() == weights[2].keys() == init.keys() | {"v_head.weight", "v_head.bias"}
+    init |= {f"critic.{k}": v for k, v in init.items()}  # the critic starts as the reward model: tiny plus a new head
+    assert weights[1].keys() == weights[2].keys() == init.keys() | {"critic.score.weight"}
     for k in weights[1]:  # lr 1e-3 moves every weight by ~1e-3 (Adam); the sharded update within fp32 noise of it
         moved = (weights[1][k] - init[k]).abs().max() if k in init else weights[1][k].abs().max()
         assert moved > 1e-4, k
         torch.testing.assert_close(weights[2][k], weights[1][k], rtol=0, atol=2e-6, msg=k)
         torch.testing.assert_close(weights["1 rank"][k], weights[1][k], rtol=0, atol=2e-6, msg=k)
-    assert [int(Path(f"{tmp_path}/ppo2.ckpt/reduce_scatters{r}").read_text()) for r in (0, 1)] == [8, 8]
+    assert [int(Path(f"{tmp_path}/ppo2.ckpt/reduce_scatters{r}").read_text()) for r in (0, 1)] == [12, 12]
     sharded = [int((tmp_path / f"ppo{n}.ckpt" / "sharded0").read_text()) for n in ("1rank", "2", "1")]
-    # the policy's LM and its value-head wrapper, the soup, the init model, the reward model: under torchrun,
-    # 1 rank or 2, every one is an FSDP module; in one process none is
-    assert sharded[0] == sharded[1] == 5 and sharded[2] == 0
+    # the policy's LM, its critic and their wrapper, the soup, the init model, the reward model: under
+    # torchrun, 1 rank or 2, every one is an FSDP module; in one process none is
+    assert sharded[0] == sharded[1] == 6 and sharded[2] == 0
 
 
 if __name__ == "__main__":

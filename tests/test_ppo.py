@@ -55,10 +55,12 @@ def first_row(out):
     return salsa.read_jsonl(f"{out}.ckpt/metrics.jsonl")[0]
 
 
-def test_first_minibatch_ratio_is_exactly_one(setup, tok):
+@pytest.mark.parametrize("critic", ["reward", "head"])
+def test_first_minibatch_ratio_is_exactly_one(setup, tok, critic):
     """Old log-probs and values from the no-grad scoring pass equal the training forward's on the
     same micro-batches of a left-padded batch of different prompt lengths: the first ratio is 1."""
-    policy = ppo.PolicyWithValue(salsa.load_model(setup["a"], tok))
+    whole = salsa.load_reward_model(setup["rm"]) if critic == "reward" else None
+    policy = ppo.PolicyWithValue(salsa.load_model(setup["a"], tok), whole)
     prompt, pmask = salsa.pad([salsa.prompt_ids(tok, p) for p in PROMPTS[:4]], tok.pad_token_id)
     assert len(set(pmask.sum(-1).tolist())) > 1  # really different lengths
     seq, mask, rmask, _ = ppo.rollout(policy, prompt, pmask, salsa.generation_config(tok, 0.7, 8), False)
@@ -136,7 +138,8 @@ def test_kl_is_zero_for_sft_and_positive_for_soup_and_mkl_is_the_mean(setup):
     d = setup["dir"]
     run("ppo.py", *ppo_args(setup, d / "k_sft", "--ref", "sft", "--model", setup["a"], "--steps", 2,
                             "--kl-estimator", "k3", "--gold", "py:tests.goldprobe:score"), env={"GOLD_LOG": d / "gold"})
-    run("ppo.py", *ppo_args(setup, d / "k_soup", "--ref", "soup", "--soup-models", setup["a"], setup["b"], "--steps", 2))
+    run("ppo.py", *ppo_args(setup, d / "k_soup", "--ref", "soup", "--soup-models", setup["a"], setup["b"], "--steps", 2,
+                            "--critic", "head"))
     run("ppo.py", *ppo_args(setup, d / "k_other", "--ref", "soup", "--model", setup["a"], "--soup", setup["b"],
                             "--steps", 1))
     run("ppo.py", *ppo_args(setup, d / "k_mkl", "--ref", "mkl", "--soup-models", setup["a"], setup["b"], "--steps", 1))
@@ -156,9 +159,10 @@ def test_kl_is_zero_for_sft_and_positive_for_soup_and_mkl_is_the_mean(setup):
     assert sft["objective/response_len"] == soup["objective/response_len"]  # same seed, same samples
     # eq. 5: 1/2·KL(π‖π_a) + 1/2·KL(π‖π_b), and KL(π‖π_a) = 0 at step 0 since π = π_a
     assert mkl["objective/kl"] == pytest.approx(0.5 * other["objective/kl"], rel=1e-5)
-    for n in ("k_sft", "k_soup"):  # the final policy loads with transformers, the value head beside it
+    for n in ("k_sft", "k_soup"):  # the final policy loads with transformers, its critic beside it
         assert isinstance(AutoModelForCausalLM.from_pretrained(d / n), torch.nn.Module)
-        assert (d / n / "value_head.safetensors").exists()
+    assert salsa.load_reward_model(str(d / "k_sft" / "critic")).config.reward_bias == 0.0  # --critic reward
+    assert (d / "k_soup" / "value_head.safetensors").exists()  # --critic head
 
 
 def test_bad_arguments_stop_before_any_output(setup, tmp_path):
@@ -250,7 +254,8 @@ def test_learns_a_trivial_preference(setup, tok):
         "--norm-samples", 16, "--norm-max-new-tokens", 4)
     run("ppo.py", "--ref", "sft", "--model", d / "sft", "--reward", d / "rm", "--out", d / "ppo",
         "--data", write_jsonl(d / "prompts.jsonl", [{"prompt": q} for q in qs]), "--batch-size", 8,
-        "--max-new-tokens", 4, "--steps", 30, "--lr", 1e-3, "--temperature", 1.0, "--save-every", 100)
+        "--max-new-tokens", 4, "--steps", 30, "--lr", 1e-3, "--temperature", 1.0, "--save-every", 100,
+        "--value-lr", 1e-3)  # the whole critic at the policy's lr (TRL's convention): at 1e-4 it lags these 30 steps
     rows = salsa.read_jsonl(d / "ppo.ckpt" / "metrics.jsonl")
     score, kl = [r["objective/score"] for r in rows], [r["objective/kl"] for r in rows]
     assert kl[0] == 0.0
@@ -266,10 +271,38 @@ def test_value_head_has_its_own_learning_rate(setup):
     from safetensors.torch import load_file
     d = setup["dir"]
     run("ppo.py", *ppo_args(setup, d / "vlr", "--ref", "sft", "--model", setup["a"], "--steps", 1, "--ppo-epochs", 1,
-                            "--lr", 1e-6, "--value-lr", 1e-2, "--max-grad-norm", 1e9))
+                            "--lr", 1e-6, "--value-lr", 1e-2, "--max-grad-norm", 1e9, "--critic", "head"))
     head = load_file(d / "vlr" / "value_head.safetensors")  # from zero
     moved = max(v.abs().max().item() for v in head.values())
     assert 0.5e-2 < moved <= 1.0001e-2
     before, after = load_file(Path(setup["a"]) / "model.safetensors"), load_file(d / "vlr" / "model.safetensors")
     moved = max((after[k] - before[k]).abs().max().item() for k in before)
     assert 0 < moved <= 1.2e-6  # plus rounding: a norm weight near 1 moves in steps of 1.2e-7
+
+
+def test_whole_critic_starts_as_the_reward_model_of_each_prefix_and_trains_at_its_own_lr(setup, tok):
+    """--critic reward: V at response position t is the reward model's normalised score of the prompt and
+    y_<t (a slow reference: reward_scores on each truncated row); one Adam step moves the critic by at most
+    --value-lr and the policy by at most --lr; the critic is saved as a reward-model directory."""
+    from safetensors.torch import load_file
+    rm = salsa.load_reward_model(setup["rm"])
+    rm.config.reward_bias, rm.config.reward_gain = 0.3, 1.7  # the normalisation must be applied too
+    policy = ppo.PolicyWithValue(salsa.load_model(setup["a"], tok), rm)
+    prompt, pmask = salsa.pad([salsa.prompt_ids(tok, p) for p in PROMPTS[:3]], tok.pad_token_id)
+    seq, mask, rmask, _ = ppo.rollout(policy, prompt, pmask, salsa.generation_config(tok, 0.7, 5), False)
+    P = prompt.shape[1]
+    with torch.no_grad():
+        _, _, v = policy(seq, mask, P, 0.7)  # (B, R)
+        for i in range(seq.shape[0]):
+            for t in range(int(rmask[i].sum())):
+                ref = salsa.reward_scores(rm, seq[i:i + 1, :P + t], mask[i:i + 1, :P + t])
+                assert v[i, t].item() == pytest.approx(ref.item(), abs=1e-5)
+    d = setup["dir"]
+    run("ppo.py", *ppo_args(setup, d / "clr", "--ref", "sft", "--model", setup["a"], "--steps", 1, "--ppo-epochs", 1,
+                            "--lr", 1e-6, "--value-lr", 1e-3, "--max-grad-norm", 1e9))
+    assert not (d / "clr" / "value_head.safetensors").exists()
+    before, after = load_file(Path(setup["rm"]) / "model.safetensors"), load_file(d / "clr" / "critic" / "model.safetensors")
+    moved = max((after[k] - before[k]).abs().max().item() for k in before)
+    assert 0.5e-3 < moved <= 1.0001e-3
+    before, after = load_file(Path(setup["a"]) / "model.safetensors"), load_file(d / "clr" / "model.safetensors")
+    assert 0 < max((after[k] - before[k]).abs().max().item() for k in before) <= 1.2e-6

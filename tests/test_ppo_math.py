@@ -58,6 +58,13 @@ def test_whiten_uses_only_real_tokens():
     assert torch.allclose(w2, torch.tensor([[1.0, 2.0, 3.0, 0.0]]), atol=1e-6)
 
 
+def test_moments_use_only_real_tokens():
+    """Count, mean and unbiased variance by hand: (1, 2, 3) -> 3, 2, 1; the masked 100 does not count.
+    The explained variance ppo.py logs is 1 - var(returns - V) / var(returns) from these moments."""
+    n, mean, var = ppo.moments(torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    assert (n.item(), mean.item(), var.item()) == (3.0, 2.0, 1.0)
+
+
 def test_kl_estimators():
     logp, ref = torch.tensor([math.log(0.5), math.log(0.2)]), torch.tensor([math.log(0.25), math.log(0.4)])
     assert torch.allclose(ppo.kl_per_token(logp, ref, "k1"), torch.tensor([math.log(2), math.log(0.5)]))
