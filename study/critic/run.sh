@@ -30,4 +30,19 @@ warm() {  # name, --value-lr
 }
 warm warmup10-1e-3 1e-3 & warm warmup10-1e-2 1e-2 & wait
 git worktree remove --force $W
+# 2026-12-03: the whole critic (a trained copy of the reward model), now main's --critic reward (the 1e-5 and
+# 1e-4 seed-1 runs ran from whole_critic.patch on f883c29, the same algorithm), and main's head beside it,
+# on shared stages rebuilt on an AMD EPYC machine (they fail the hash check: README, "Bit for bit only on
+# the same kind of CPU"). Two at a time, one thread each, ~30 min a pair.
+main() {  # name, seed, --critic, --value-lr
+  OMP_NUM_THREADS=1 "$here/.venv/bin/python" ppo.py --ref sft --init-kl-coef 0.2 --no-adaptive-kl \
+    --seed $2 --gold py:salsa:gold_score --model runs/study/sft-seed1 --reward runs/study/rm \
+    --data runs/study/data/ppo.jsonl --steps 20 --lr 1e-05 --max-new-tokens 64 --save-every 50 \
+    --sample-every 5 --critic $3 --value-lr $4 --out "runs/critic/$1" > "runs/critic/$1.log" 2>&1
+}
+main whole-rm-1e-5 1 reward 1e-5 & main whole-rm-1e-4 1 reward 1e-4 & wait
+main whole-rm-1e-4-seed2 2 reward 1e-4 & main whole-rm-3e-4 1 reward 3e-4 & wait
+main head-1e-3 1 head 1e-3
+# how much of a rollout's score any critic could know at depth t of the answer (README, "Value function")
+"$here/.venv/bin/python" study/critic/predictable.py runs/study 32 6
 "$here/.venv/bin/python" study/critic/summary.py runs/critic
