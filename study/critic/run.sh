@@ -46,3 +46,10 @@ main head-1e-3 1 head 1e-3
 # how much of a rollout's score any critic could know at depth t of the answer (README, "Value function")
 "$here/.venv/bin/python" study/critic/predictable.py runs/study 32 6
 "$here/.venv/bin/python" study/critic/summary.py runs/critic
+# the whole critic's cost against the head (README, "Speed and memory"): the study's PPO command, 3 steps, 2 threads,
+# A = --critic reward, B = --critic head, in turn; each run writes to a fresh directory (ppo.py never overwrites)
+flags="--ref sft --init-kl-coef 0.2 --no-adaptive-kl --seed 1 --model runs/study/sft-seed1 --reward runs/study/rm \
+ --data runs/study/data/ppo.jsonl --steps 3 --lr 1e-05 --max-new-tokens 64 --save-every 50 --sample-every 100"
+farm-bench -n 3 --warmup 1 --timeout 2400 \
+  --vs "sh -c 'd=\$(mktemp -d); exec .venv/bin/python ppo.py $flags --critic head --out \$d/o >>/tmp/bench_head.log 2>&1'" \
+  -- sh -c "d=\$(mktemp -d); exec .venv/bin/python ppo.py $flags --critic reward --out \$d/o >>/tmp/bench_whole.log 2>&1"
