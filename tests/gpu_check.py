@@ -241,7 +241,7 @@ def report(r: dict, big: str, small: str, seq_len: int, new_tokens: int) -> str:
               f"sharded checkpoint {z['checkpoint']} ({', '.join(z['shard_files'])}); resumed, it logged steps "
               f"{z['resumed_steps']}, its step 2 off the uninterrupted run's by at most {z['resume_max_abs_diff']:.3g}."]
     lines += ["", f"A plain bf16 forward and backward of the same 8 rows: {r['plain_bf16_fwd_bwd_s']:.3f} s (PPO trains "
-              "2 epochs of 8 one-row micro-batches, plus a value head and fp32 log-probs).", "",
+              "2 epochs of 8 one-row micro-batches, plus its critic and fp32 log-probs).", "",
               "## Memory plan at world size 1 (fp32 policy and critic 16 B/param each, two bf16 frozen models 2 B/param each)", "",
               "| model | parameters | formula (GB) | measured peak (GB) |", "|---|---:|---:|---:|"]
     lines += [f"| {s} | {p[s]['params'] / 1e9:.2f}B | {p[s]['formula_gb']:.1f} | {p[s]['measured_gb']:.1f} |" for s in (small, big)]

@@ -1,4 +1,4 @@
-"""How much of a rollout's score any critic could predict: the ceiling on val/explained_var (README, "Value function").
+"""How much of a rollout's score any critic could predict: the ceiling on val/explained_var (README, "The critic, tried again").
 
 A critic at response token t sees the prompt and the first t tokens. The best it can do is V_t = E[score | prefix_t],
 and the share of the score's variance that V_t explains is 1 - E[Var(score | prefix_t)] / Var(score). This
