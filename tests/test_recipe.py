@@ -192,6 +192,8 @@ def test_study_end_to_end(toy_recipe):
     for n, log in logs.items():  # fixed β, KL to init and gold logged on every step
         assert [r["kl_coef"] for r in log] == [float(n.split("beta")[1].split("-")[0])] * 2, n
         assert all("objective/kl_init" in r and 0 <= r["objective/gold"] <= 1 for r in log), n
+    for n in runs:  # what ppo.py received: the recipe's --ppo-micro-batch, the batch of 8 in one forward
+        assert json.loads((s / n / "args.json").read_text())["micro_batch"] == 8, n
     for b in ("0.01", "0.2"):  # paired: one seed gives both methods the same first rollouts
         first = [logs[f"{m}-beta{b}-seed3"][0] for m in ("ppo", "salsa")]
         assert first[0]["objective/gold"] == first[1]["objective/gold"]
