@@ -1,6 +1,6 @@
 """The README's per-run numbers of the study, from the records in study/ (no weights needed):
 
-    .venv/bin/python study/runs.py
+    .venv/bin/python study/runs.py [DIR]     DIR: a study's records (default study/; the rerun: study/whole-critic)
 
 For each run: gold − SFT on all 256 questions (bootstrap over questions), KL to init (mean of the last 5
 steps); and over each run's whole training: the rollouts' entropy, mean response length, explained
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-S = Path(__file__).resolve().parent
-sys.path.insert(0, str(S.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+S = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent
 import salsa  # noqa: E402
 
 with tempfile.TemporaryDirectory() as tmp:
