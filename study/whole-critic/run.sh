@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# The study rerun with the whole critic (ppo.py --critic reward, the default since 2026-12-03), begun
-# 2026-12-03. It needs more than one 3-hour session on 2 cores (12 PPO runs of 12-13 min each, plus their
-# answers), and a session keeps only what is committed, so each session runs this script and commits the
-# records that `collect` copies here (no weights). Order: β 0.2 (both seeds, both methods), then β 0.05,
-# then the whole grid, so every finished cell holds both methods of one seed.
+# The study rerun with the whole critic (ppo.py --critic reward, the default since 2026-12-03): the grid
+# {PPO, SALSA} x β {0.01, 0.05, 0.2} x seeds {1, 2}, 15 PPO steps a run, run in one session on one machine
+# (2026-12-03, an Intel Xeon with AVX-512 and AMX, 2 cores), because a run pairs only with runs on the same
+# shared stages, and those rebuild bit for bit only on the same kind of CPU (README, "Bit for bit only on the
+# same kind of CPU"). 15 steps (--ppo-steps 15; the study default is 20), so that the 12 runs (7-8 min
+# each here), their answers and the reward model's scores fit one 3-hour session. amd-epyc/ holds four
+# 20-step β-0.2 runs an earlier session finished on an AMD EPYC before it ended; their shared stages differ
+# from these, so they are a separate replication of one cell, not pooled.
 #
-#   bash study/whole-critic/run.sh            resume the study in runs/study (rebuilding it if missing)
+#   bash study/whole-critic/run.sh            the study in runs/study (rebuilt from the records if missing)
 #   bash study/whole-critic/run.sh collect    copy the finished runs' records into study/whole-critic
 #
 # When runs/study is missing (a fresh machine), the shared stages are rebuilt with the study's seeds and
-# flags and must match SHA256SUMS bit for bit; they do only on the CPU type they were built on (an AMD
-# EPYC with AVX-512 bf16; README, "Bit for bit only on the same kind of CPU"). Then the finished runs'
-# records are restored, so their stages and answers are skipped, and the missing runs run.
+# flags and must match SHA256SUMS bit for bit. Then the finished runs' records are restored, so their
+# stages and answers are skipped and only runs added to the command (--ablations) run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 R=runs/study W=study/whole-critic P=.venv/bin/python
@@ -33,7 +35,11 @@ if [ "${1:-}" = collect ]; then
   exit 0
 fi
 if [ ! -e $R ]; then
-  mkdir -p $R/answers
+  # the task, the SFT pair, the soup and the reward model; with no seeds there are no runs, so it ends in
+  # write_study's error, which the hash check below makes harmless
+  $P salsa.py study --out $R --ppo-steps 15 --seeds || true
+  (cd $R && sha256sum -c --quiet ../../$W/SHA256SUMS) || { mv $R $R.unpaired
+    echo "the shared stages differ from the records' (moved to $R.unpaired): runs on them cannot be paired with the recorded runs"; exit 1; }
   cp $W/answers/*.jsonl $R/answers/  # eval.py answer skips a finished answer file
   for d in $W/metrics/*/; do
     n=$(basename "$d")
@@ -41,16 +47,8 @@ if [ ! -e $R ]; then
     cp "$d"/metrics.jsonl "$d"/samples.jsonl $R/$n.ckpt/
     cp "$d"/args.json $R/$n/
   done
-  [ -d $W/results/alpha_line ] && mkdir -p $R/results && cp -r $W/results/alpha_line $R/results/
-  # the task, the SFT pair, the soup and the reward model; with no seeds there are no runs, so it ends
-  # in write_study's error, which the hash check below makes harmless
-  $P salsa.py study --out $R --seeds || true
-  (cd $R && sha256sum -c --quiet ../../$W/SHA256SUMS) || {
-    echo "the shared stages differ from the records': runs on them cannot be paired with the recorded runs"; exit 1; }
 fi
-$P salsa.py study --out $R --betas 0.2 --seeds 1 2
-$P salsa.py study --out $R --betas 0.05 0.2 --seeds 1 2
-$P salsa.py study --out $R
+$P salsa.py study --out $R --ppo-steps 15 "$@"
 # Measured before the grid (README, "Speed and memory"), A = --micro-batch 8 (salsa.py's --ppo-micro-batch),
 # B = --micro-batch 1, in turn, on runs/study's shared stages:
 #   flags="--ref sft --init-kl-coef 0.2 --no-adaptive-kl --seed 1 --model runs/study/sft-seed1 --reward runs/study/rm
