@@ -3,8 +3,8 @@
 # {PPO, SALSA} x β {0.01, 0.05, 0.2} x seeds {1, 2}, 15 PPO steps a run, run in one session on one machine
 # (2026-12-03, an Intel Xeon with AVX-512 and AMX, 2 cores), because a run pairs only with runs on the same
 # shared stages, and those rebuild bit for bit only on the same kind of CPU (README, "Bit for bit only on the
-# same kind of CPU"). 15 steps (--ppo-steps 15; the study default is 20), so that the 12 runs (7-8 min
-# each here), their answers and the reward model's scores fit one 3-hour session. amd-epyc/ holds four
+# same kind of CPU"). 15 steps (--ppo-steps 15; the study default is 20), so that the 12 runs (413-705 s
+# each here, 113 min in all; times.json), their answers and the reward model's scores fit one 3-hour session. amd-epyc/ holds four
 # 20-step β-0.2 runs an earlier session finished on an AMD EPYC before it ended; their shared stages differ
 # from these, so they are a separate replication of one cell, not pooled.
 #
