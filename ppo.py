@@ -196,7 +196,9 @@ def ppo_losses(logp, old_logp, values, old_values, adv, returns, mask, cliprange
     ratio = torch.exp(logp - old_logp)
     pg_plain, pg_clipped = -adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange)
     pg = torch.max(pg_plain, pg_clipped)  # PPO clip, eq. 7
-    v_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    # clamp the value itself, not old + clamp(values - old): that sum rounds, so a value inside the range
+    # would differ from itself by an ulp and count as clipped
+    v_clipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
     vf_plain, vf_clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
     vf = 0.5 * torch.max(vf_plain, vf_clipped)
     stats = {"ppo/clipfrac": (pg_clipped > pg_plain).float(), "ppo/ratio_mean": ratio,

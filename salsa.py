@@ -59,7 +59,8 @@ def run(main, cls, argv=None):
     try:
         main(args)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"error: {e}\n")  # one write: unbuffered (PYTHONUNBUFFERED), print's text and its
+        sys.stderr.flush()  # newline are two, and the ranks' lines interleave into one
         if getattr(e, "every_rank", False):  # raised on every rank at once (distribute): wait until each has
             torch.distributed.barrier()  # printed it, or torchrun stops the others when the first one exits
         sys.exit(2)

@@ -104,6 +104,18 @@ def test_clipped_losses_by_hand():
     assert math.isclose(stats["ppo/ratio_mean"], 2 * math.e + math.exp(-1), rel_tol=1e-6)
 
 
+def test_value_inside_the_clip_range_is_not_clipped():
+    """0.0989 is within 0.2 of 0.0079, so the clipped value is the value itself: no clip counted, the loss
+    the plain one. (In float32 old + (v - old) rounds to v + 1 ulp here, nearer the return 0.2015: it once
+    counted as clipped, and torchrun's ranks and one process disagreed on vf_clipfrac.)"""
+    values, old_values, returns = torch.tensor([[0.09891923516988754]]), torch.tensor([[0.007902819663286209]]), \
+        torch.tensor([[0.20152810215950012]])
+    assert (old_values + (values - old_values)).item() != values.item()  # the rounding this test is about
+    zeros, ones = torch.zeros(1, 1), torch.ones(1, 1)
+    _, vf, stats = ppo.ppo_losses(zeros, zeros, values, old_values, ones, returns, ones, 0.2, 0.2)
+    assert stats["ppo/vf_clipfrac"] == 0.0 and vf.item() == (0.5 * (values - returns) ** 2).item()
+
+
 def test_losses_ignore_masked_tokens():
     args = [torch.tensor([[0.3, 50.0]]), torch.zeros(1, 2), torch.tensor([[0.1, 9.0]]), torch.zeros(1, 2),
             torch.tensor([[1.0, 7.0]]), torch.tensor([[0.5, -3.0]])]

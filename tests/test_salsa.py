@@ -292,6 +292,27 @@ def test_a_stage_ends_an_input_error_with_one_line(tiny, tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.ckpt").exists()
 
 
+def test_an_input_error_is_written_in_one_write(monkeypatch):
+    """Under PYTHONUNBUFFERED (CI sets it) every write is a system call: print's text and its newline were two,
+    and two ranks failing at once interleaved into one line ("error: A" "error: B" "\\n" "\\n"). One write each."""
+    import io
+    import sys
+    writes = []
+
+    class Recorder(io.StringIO):
+        def write(self, s):
+            writes.append(s)
+            return len(s)
+
+    def main(args):
+        raise salsa.InputError("data.jsonl row 3: no prompt")
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    with pytest.raises(SystemExit) as stop:
+        salsa.run(main, dataclass(type("Args", (), {})), [])
+    assert stop.value.code == 2 and writes == ["error: data.jsonl row 3: no prompt\n"]
+
+
 # ---------------------------------------------------------------- chat data
 def test_read_rows_local(tmp_path):
     """Rows with where they are, one rule for every stage: a jsonl file's line number (blank lines
