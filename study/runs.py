@@ -2,10 +2,13 @@
 
     .venv/bin/python study/runs.py [DIR]     DIR: a study's records (default study/; the rerun: study/whole-critic)
 
-For each run: gold − SFT on all 256 questions (bootstrap over questions), KL to init (mean of the last 5
-steps); and over each run's whole training: the rollouts' entropy, mean response length, explained
+First the starting points (the SFT pair and the soup, greedy): gold on the dev half (even rows) and the test
+half (odd rows), and the reward model's test score (results/reward_hist). For each run: gold − SFT on all 256
+questions (bootstrap over questions), the reward model's test score, KL to init (mean of the last 5 steps); and
+over each run's whole training: the rollouts' entropy, mean response length, explained
 variance and no-EOS share (their ranges). The questions are the task's, rebuilt with the study's seed
 and sizes (salsa.py task), which study/shared/SHA256SUMS pins."""
+import csv
 import sys
 import tempfile
 from pathlib import Path
@@ -26,13 +29,25 @@ def gold(name: str) -> torch.Tensor:
     return torch.tensor([salsa.gold_score(p, answers[q]) for q, p in qs])  # (questions,)
 
 
+def rm_test(name: str) -> float:
+    """The reward model's mean score of `name`'s answers to the test half (odd rows)."""
+    test = {q for q, _ in qs[1::2]}
+    scores = [float(r["reward"]) for r in csv.DictReader(open(S / "results" / "reward_hist" / "reward_hist.csv"))
+              if r["model"] == name and r["question_id"] in test]
+    return sum(scores) / len(scores)
+
+
 sft = gold("sft")
-print("| Run | Gold − SFT, all [95% CI] | KL to init | Entropy | Response length | Explained var. | No-EOS |")
-print("|---|---:|---:|---:|---:|---:|---:|")
+for name in ("sft", "sft-seed2", "soup"):
+    g = gold(name)
+    print(f"{name}: gold dev {g[0::2].mean():.3f}, test {g[1::2].mean():.3f}; reward model, test {rm_test(name):.3f}")
+print()
+print("| Run | Gold − SFT, all [95% CI] | RM, test | KL to init | Entropy | Response length | Explained var. | No-EOS |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for run in sorted(p.name for p in (S / "metrics").iterdir()):
     logs = salsa.read_jsonl(S / "metrics" / run / "metrics.jsonl")
     span = lambda k: f"{min(r[k] for r in logs):.2f}..{max(r[k] for r in logs):.2f} (start {logs[0][k]:.2f})"
     mean, lo, hi = salsa.bootstrap((gold(run) - sft)[None], 2000)
-    print(f"| {run} | {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] | {sum(r['objective/kl_init'] for r in logs[-5:]) / 5:.2f} | "
+    print(f"| {run} | {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] | {rm_test(run):.3f} | {sum(r['objective/kl_init'] for r in logs[-5:]) / 5:.2f} | "
           f"{span('objective/entropy')} | {span('objective/response_len')} | {span('val/explained_var')} | "
           f"{span('objective/no_eos_frac')} |")
