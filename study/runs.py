@@ -29,11 +29,14 @@ def gold(name: str) -> torch.Tensor:
     return torch.tensor([salsa.gold_score(p, answers[q]) for q, p in qs])  # (questions,)
 
 
+test = {q for q, _ in qs[1::2]}  # the test half's question ids (odd rows)
+with open(S / "results" / "reward_hist" / "reward_hist.csv") as f:  # read once: one row per (model, question)
+    rm_rows = [r for r in csv.DictReader(f) if r["question_id"] in test]
+
+
 def rm_test(name: str) -> float:
-    """The reward model's mean score of `name`'s answers to the test half (odd rows)."""
-    test = {q for q, _ in qs[1::2]}
-    scores = [float(r["reward"]) for r in csv.DictReader(open(S / "results" / "reward_hist" / "reward_hist.csv"))
-              if r["model"] == name and r["question_id"] in test]
+    """The reward model's mean score of `name`'s answers to the test half."""
+    scores = [float(r["reward"]) for r in rm_rows if r["model"] == name]
     return sum(scores) / len(scores)
 
 
