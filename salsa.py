@@ -1086,16 +1086,22 @@ def recipe(a: Recipe):
     script = {s: os.path.relpath(here / f"{s}.py") for s in ("salsa", "sft", "soup", "reward", "ppo", "eval")}
 
     def stage(name: str, out: Path | None, cmd: list, launcher=py):
-        """Run one stage as a subprocess, printed first so it can be copied; skipped when `out` exists."""
+        """Run one stage as a subprocess, printed first so it can be copied; skipped when `out` exists.
+        Once `out` exists, the stage's resumable checkpoints `out.ckpt/step-N` are deleted (its metrics
+        and samples there stay): they serve only --resume of an unfinished run, and each holds a model
+        and its optimizer (~6 GB per PPO checkpoint at 135M), which a study's 20 runs would pile up."""
         cmd = [str(c) for c in [*launcher, *cmd]]
         if out and out.exists():
-            return print(f"[{name}] skipped: {out} exists")
-        print(f"\n[{name}] $ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
-        start = time.time()
-        if subprocess.run(cmd).returncode:
-            sys.exit(f"[{name}] failed (its error is above); finished stages are kept, rerun to resume")
-        times[name] = round(time.time() - start, 1)
-        times_file.write_text(json.dumps(times, indent=1))
+            print(f"[{name}] skipped: {out} exists")
+        else:
+            print(f"\n[{name}] $ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+            start = time.time()
+            if subprocess.run(cmd).returncode:
+                sys.exit(f"[{name}] failed (its error is above); finished stages are kept, rerun to resume")
+            times[name] = round(time.time() - start, 1)
+            times_file.write_text(json.dumps(times, indent=1))
+        for done in Path(f"{out}.ckpt").glob("step-*") if out else ():
+            shutil.rmtree(done)
     task = R / "data"
     if not (a.sft_data and a.prefs_data and a.prompts and a.questions):
         stage("task", task, [script["salsa"], "task", "--out", task, "--task-seed", a.task_seed,

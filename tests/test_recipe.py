@@ -118,11 +118,16 @@ def test_recipe_end_to_end(toy_recipe):
     assert "py:salsa:gold_score" in wins
     times = json.loads((r / "times.json").read_text())
     mtime = (r / "sft-seed1" / "model.safetensors").stat().st_mtime
+    for n in ("sft-seed1", "ppo"):  # stand-ins for a finished run's resumable checkpoints (toy runs write none)
+        (r / f"{n}.ckpt" / "step-00000001").mkdir(parents=True)
+        (r / f"{n}.ckpt" / "step-00000001" / "trainer_state.pt").write_bytes(b"")
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     # every stage up to the answers is skipped; answers, judge and reward-hist run again (they take seconds)
     assert again.stdout.count("skipped") == 8 and "$ " not in again.stdout.split("[answer")[0]
     assert (r / "sft-seed1" / "model.safetensors").stat().st_mtime == mtime
+    for n in ("sft-seed1", "ppo"):  # a finished stage keeps its log, not its checkpoints
+        assert sorted(p.name for p in (r / f"{n}.ckpt").iterdir()) == ["metrics.jsonl"] + (n == "ppo") * ["samples.jsonl"]
     assert json.loads((r / "times.json").read_text())["sft-seed1"] == times["sft-seed1"]
 
 
