@@ -1089,7 +1089,8 @@ def recipe(a: Recipe):
         """Run one stage as a subprocess, printed first so it can be copied; skipped when `out` exists.
         Once `out` exists, the stage's resumable checkpoints `out.ckpt/step-N` are deleted (its metrics
         and samples there stay): they serve only --resume of an unfinished run, and each holds a model
-        and its optimizer (~6 GB per PPO checkpoint at 135M), which a study's 20 runs would pile up."""
+        and its optimizer (a PPO one, policy and critic: ~3.3 GB at 135M, two kept per run), which a
+        study's 20 runs would pile up."""
         cmd = [str(c) for c in [*launcher, *cmd]]
         if out and out.exists():
             print(f"[{name}] skipped: {out} exists")
