@@ -213,7 +213,11 @@ def call_api(client, model: str, system: str, user: str, retries: int) -> str:
 def judge_api(args: Args, games: dict) -> dict:
     """{game: reply text with a verdict, or None for an error}, through the on-disk cache; new replies appended
     as they come. Only replies with a verdict are cached: a rerun asks again what failed."""
-    from openai import OpenAI  # only --judge api needs it
+    try:
+        from openai import OpenAI  # only --judge api needs it
+    except ImportError:  # the device machines and minimal installs have no openai
+        raise salsa.InputError("--judge api needs the openai package: pip install openai "
+                               "(or judge locally with --judge rm:DIR or py:module:function)") from None
     # the client refuses an empty key; a local server (vLLM, llama.cpp) ignores the placeholder, OpenAI says 401
     client = OpenAI(base_url=args.judge_url.rstrip("/").removesuffix("/chat/completions"), timeout=args.timeout,
                     api_key=os.environ.get(args.judge_key_env) or "no-key", max_retries=args.retries)

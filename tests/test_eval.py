@@ -259,6 +259,14 @@ def test_cache_and_counted_errors(stub, tmp_path, monkeypatch):
     assert ev.judge_api(args, games)["p", "q", "new", 1] == "[[A]]" and len(stub.requests) == n + 5
 
 
+def test_judge_api_without_openai_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openai", None)  # as if not installed (the device machines have none)
+    args = ev.Args(judge_url="http://127.0.0.1:9", cache=str(tmp_path / "cache.jsonl"))
+    with pytest.raises(salsa.InputError, match="--judge api needs the openai package: pip install openai"):
+        ev.judge_api(args, {("p", "q", "1", 0): ("sys", "good?")})
+    assert not (tmp_path / "cache.jsonl").exists()
+
+
 def test_judge_api_end_to_end(stub, tmp_path):
     """Two MT-Bench questions x two turns, three models; "good" wins in either position, "??" is unjudgeable:
     asked twice (--retries 1), an error, never cached."""
