@@ -736,13 +736,17 @@ def save_checkpoint(ckpt_dir: str, step: int, model, tok, state: dict, keep: int
             os.replace(tmp, path)  # dcp.save returns once every rank's shards are written
         torch.distributed.barrier()  # no rank goes on (and may crash) before the checkpoint is complete
     if dist.main:
-        done = sorted(p for p in Path(ckpt_dir).glob("step-*") if (p / "trainer_state.pt").exists())
-        for old in done[:-keep]:
+        for old in checkpoints(ckpt_dir)[:-keep]:
             shutil.rmtree(old)
 
 
+def checkpoints(ckpt_dir: str) -> list[Path]:
+    """The complete resumable checkpoints in `ckpt_dir`, oldest first (step numbers are zero-padded)."""
+    return sorted(p for p in Path(ckpt_dir).glob("step-*") if (p / "trainer_state.pt").exists())
+
+
 def latest_checkpoint(ckpt_dir: str) -> str | None:
-    done = sorted(p for p in Path(ckpt_dir).glob("step-*") if (p / "trainer_state.pt").exists())
+    done = checkpoints(ckpt_dir)
     return str(done[-1]) if done else None
 
 
@@ -1101,8 +1105,9 @@ def recipe(a: Recipe):
                 sys.exit(f"[{name}] failed (its error is above); finished stages are kept, rerun to resume")
             times[name] = round(time.time() - start, 1)
             times_file.write_text(json.dumps(times, indent=1))
-        for done in Path(f"{out}.ckpt").glob("step-*") if out else ():
-            shutil.rmtree(done)
+        if out:
+            for done in checkpoints(f"{out}.ckpt"):
+                shutil.rmtree(done)
     task = R / "data"
     if not (a.sft_data and a.prefs_data and a.prompts and a.questions):
         stage("task", task, [script["salsa"], "task", "--out", task, "--task-seed", a.task_seed,
