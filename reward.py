@@ -236,8 +236,6 @@ def main(args: Args):
     if dist.main:
         salsa.log_jsonl(log, metrics)
     salsa.save_model(args.out, rm, tok, files={"metrics.json": metrics, "norm_samples.json": samples}, dist=dist)
-    if dist.sharded:
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

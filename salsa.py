@@ -62,8 +62,18 @@ def run(main, cls, argv=None):
         sys.stderr.write(f"error: {e}\n")  # one write: unbuffered (PYTHONUNBUFFERED), print's text and its
         sys.stderr.flush()  # newline are two, and the ranks' lines interleave into one
         if getattr(e, "every_rank", False):  # raised on every rank at once (distribute): wait until each has
-            torch.distributed.barrier()  # printed it, or torchrun stops the others when the first one exits
+            end_group()  # printed it, or torchrun stops the others when the first one exits
         sys.exit(2)
+    end_group()
+
+
+def end_group():
+    """Under torchrun, once every rank is here (rank 0 may still be writing the model), destroy the process
+    group. Left to interpreter exit, gloo's threads can be torn down unjoined: "terminate called without an
+    active exception", SIGABRT, and a run that saved its model fails (CI's 2-rank PPO did; pytorch#190489)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def arg(default, help: str):

@@ -313,6 +313,38 @@ def test_an_input_error_is_written_in_one_write(monkeypatch):
     assert stop.value.code == 2 and writes == ["error: data.jsonl row 3: no prompt\n"]
 
 
+def test_a_stage_ends_its_process_group(monkeypatch):
+    """A stage that leaves its gloo group to interpreter exit can abort there ("terminate called without an
+    active exception", SIGABRT: pytorch#190489): CI's 2-rank PPO saved its model, then rank 1 died so. `run`
+    destroys the group when main returns, and after an InputError raised on every rank at once."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    seen = []
+
+    def main(args, fail=False):
+        salsa.setup_dist(0)
+        seen.append(torch.distributed.is_initialized())
+        if fail:
+            e = salsa.InputError("rank 0's model: no config.json")
+            e.every_rank = True  # as distribute raises it
+            raise e
+
+    try:
+        salsa.run(main, dataclass(type("Args", (), {})), [])
+        assert seen == [True] and not torch.distributed.is_initialized()
+        with pytest.raises(SystemExit) as stop:
+            salsa.run(lambda args: main(args, fail=True), dataclass(type("Args", (), {})), [])
+        assert stop.value.code == 2 and seen == [True, True] and not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():  # the old code: later tests in this worker start their own
+            torch.distributed.destroy_process_group()
+
+
 # ---------------------------------------------------------------- chat data
 def test_read_rows_local(tmp_path):
     """Rows with where they are, one rule for every stage: a jsonl file's line number (blank lines
