@@ -317,12 +317,9 @@ def test_a_stage_ends_its_process_group(monkeypatch):
     """A stage that leaves its gloo group to interpreter exit can abort there ("terminate called without an
     active exception", SIGABRT: pytorch#190489): CI's 2-rank PPO saved its model, then rank 1 died so. `run`
     destroys the group when main returns, and after an InputError raised on every rank at once."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from gpu_check import free_port
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)}.items():
+                       "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(key, value)
     seen = []
 
