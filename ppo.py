@@ -64,7 +64,8 @@ class Args:
     adaptive_kl: bool = salsa.arg(True, "Ziegler et al. 2019 adaptive β (App. A.3 says 'initial' β)")
     target_kl: float = salsa.arg(6.0, "adaptive controller's target KL, nats per sequence")
     kl_horizon: int = salsa.arg(10000, "adaptive controller's horizon, in sequences")
-    kl_estimator: Literal["k1", "k3"] = salsa.arg("k1", "per-token KL: k1 = log π - log π_ref; k3 = r - 1 - log r")
+    kl_estimator: Literal["k1", "k3"] = salsa.arg("k1", "per-token KL: k1 = log π - log π_ref; k3 = r - 1 - log r "
+                                                  "(as a reward its gradient is not the KL's: see kl_per_token)")
     lr: float = salsa.arg(2e-6, "learning rate (App. A.3: 2e-6 for 7B, 1e-7 for Gemma-2B), linear decay")
     critic: Literal["reward", "head"] = salsa.arg("reward", "value model: reward = a trained copy of the reward "
                                                   "model (a second trained network); head = a linear head on the "
@@ -95,7 +96,9 @@ class Args:
     save_every: int = salsa.arg(50, "checkpoint every N steps (atomic; --resume continues)")
     sample_every: int = salsa.arg(10, "print and save a table of sampled responses every N steps")
     resume: bool = salsa.arg(False, "continue from the latest checkpoint in OUT.ckpt")
-    dtype: str = salsa.arg("float32", "weights dtype of the policy (and of the frozen models, unless --frozen-dtype)")
+    dtype: str = salsa.arg("float32", "weights and AdamW state dtype of the policy and critic (and of the frozen "
+                                      "models, unless --frozen-dtype); bfloat16 halves memory but AdamW then updates "
+                                      "bf16 weights: no fp32 master copy, and at lr 2e-6 most updates round away")
     frozen_dtype: str = salsa.arg("", "weights dtype of the frozen reference(s) and reward model (empty: --dtype); "
                                       "bfloat16 halves their memory, their heads still run in fp32")
     attn: str = salsa.arg("sdpa", "attention implementation (sdpa, eager, flash_attention_2)")
@@ -137,13 +140,19 @@ def response_logprobs(model, ids, mask, n_prompt: int, temperature: float):
     return *salsa.token_logprobs(model, h, ids[:, n_prompt:], temperature), h
 
 
-def kl_per_token(logp, ref_logp, estimator: str):
-    """Per-token KL(π‖π_ref) estimate from samples of π: k1 = log π - log π_ref is unbiased;
-    k3 = (r - 1) - log r, r = π_ref / π, is unbiased and ≥ 0."""
+def kl_per_token(logp, ref_logp, estimator: str, mask):
+    """Per-token KL(π‖π_ref) estimate from samples of π, 0 outside `mask` (B, R): k1 = log π - log π_ref;
+    k3 = (r - 1) - log r, r = π_ref / π, is ≥ 0. Both are unbiased estimates of the KL's value, but only
+    k1 as a reward gives PPO the KL's gradient: the score-function gradient of E_π[k] treats k as fixed
+    and misses E_π[∇k], which is 0 for k1 and E_π[(1 - r)∇log π] ≠ 0 for k3 (test_ppo_math checks
+    both on a bandit). k3 is here to compare with TRL's kl_estimator, not as a better penalty."""
     log_ratio = logp - ref_logp
     if estimator not in ("k1", "k3"):
         raise ValueError(f"KL estimator {estimator!r}: expected k1 or k3")
-    return log_ratio if estimator == "k1" else torch.expm1(-log_ratio) + log_ratio
+    kl = log_ratio if estimator == "k1" else torch.expm1(-log_ratio) + log_ratio
+    # where, not a product: k3 of a pad token after EOS can overflow to inf, and inf·0 is a NaN that GAE
+    # would carry back to every token of the row and whitening to the whole batch
+    return torch.where(mask.bool(), kl, 0.0)
 
 
 def response_mask(resp, eos_id: int):
@@ -296,6 +305,8 @@ def check_args(args):
         raise salsa.InputError(f"--ref {args.ref} needs --soup-models A B [...]{alternative}")
     if not 0 <= args.alpha <= 1:  # as soup.py without --extrapolate: a soup is a weighted average
         raise salsa.InputError(f"--alpha {args.alpha}: a soup weight lies in [0, 1]")
+    if args.temperature <= 0:  # scoring divides the logits by it; 0 would sample greedily, then divide by 0
+        raise salsa.InputError(f"--temperature {args.temperature}: PPO samples, so it must be > 0 (default 0.7)")
     if args.batch_size < 2:
         raise salsa.InputError("--batch-size must be 2 or more: advantages are whitened over the batch's tokens")
     if args.init_kl_coef < 0:
@@ -399,12 +410,12 @@ def main(args: Args):
                 # 3. Old log-probs, values and reference log-probs, teacher-forced, temperature-scaled.
                 old_logp[g], entropy[g], old_values[g] = policy(ids, m, n_prompt, args.temperature)  # (b, R) each
                 ref_logp = [response_logprobs(ref, ids, m, n_prompt, args.temperature)[0] for ref, _ in refs]
-                kl[g] = sum(w * kl_per_token(old_logp[g], lp, args.kl_estimator)  # mkl: the mean of two KLs (eq. 5)
-                            for (_, w), lp in zip(refs, ref_logp))
+                kl[g] = sum(w * kl_per_token(old_logp[g], lp, args.kl_estimator, resp_mask[g])  # mkl: the mean
+                            for (_, w), lp in zip(refs, ref_logp))  # of two KLs (eq. 5)
                 if init is not None:  # k1 whatever --kl-estimator: one unbiased estimate, the same for every run
                     init_logp = ref_logp[0] if init is refs[0][0] else response_logprobs(
                         init, ids, m, n_prompt, args.temperature)[0]
-                    kl_init[g] = old_logp[g] - init_logp
+                    kl_init[g] = kl_per_token(old_logp[g], init_logp, "k1", resp_mask[g])
             score -= args.missing_eos_penalty * (~has_eos).float()  # responses that never stop
             rmask = resp_mask.to(old_logp.dtype)  # (B, R)
             # 4. Per-token rewards: -β·KL_t, and the score on the EOS token.

@@ -177,6 +177,8 @@ def test_bad_arguments_stop_before_any_output(setup, tmp_path):
              (["--ref", "sft", "--model", tmp_path / "nope"], "nope: no such model directory"),
              (["--ref", "soup", "--soup-models", a, b, "--alpha", 1.5], r"--alpha 1\.5: a soup weight lies in \[0, 1\]"),
              (["--ref", "soup", "--model", a, "--soup", other], "other-vocab: its vocabulary .* differs"),
+             (["--ref", "sft", "--model", a, "--temperature", 0], "--temperature 0.0: PPO samples"),
+             (["--ref", "sft", "--model", a, "--temperature", -0.7], "--temperature -0.7: PPO samples"),
              (["--ref", "sft", "--model", a, "--batch-size", 1], "--batch-size must be 2 or more"),
              (["--ref", "sft", "--model", a, "--batch-size", 3], "--batch-size 3 must split evenly")]  # after loading
     for flags, message in cases:

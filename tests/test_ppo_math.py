@@ -45,7 +45,7 @@ def test_whiten_refuses_fewer_than_two_tokens():
 
 def test_unknown_kl_estimator_is_an_error():
     with pytest.raises(ValueError, match="'k2': expected k1 or k3"):  # it meant k3
-        ppo.kl_per_token(torch.zeros(2), torch.ones(2), "k2")
+        ppo.kl_per_token(torch.zeros(2), torch.ones(2), "k2", torch.ones(2))
 
 
 def test_whiten_uses_only_real_tokens():
@@ -67,12 +67,13 @@ def test_moments_use_only_real_tokens():
 
 def test_kl_estimators():
     logp, ref = torch.tensor([math.log(0.5), math.log(0.2)]), torch.tensor([math.log(0.25), math.log(0.4)])
-    assert torch.allclose(ppo.kl_per_token(logp, ref, "k1"), torch.tensor([math.log(2), math.log(0.5)]))
+    ones = torch.ones(2)
+    assert torch.allclose(ppo.kl_per_token(logp, ref, "k1", ones), torch.tensor([math.log(2), math.log(0.5)]))
     # k3 = r - 1 - log r with r = π_ref/π: r = 0.5 -> 0.5 - 1 + log 2; r = 2 -> 1 - log 2
     k3 = torch.tensor([0.5 - 1 + math.log(2), 2 - 1 - math.log(2)])
-    assert torch.allclose(ppo.kl_per_token(logp, ref, "k3"), k3, atol=1e-6)
-    assert torch.equal(ppo.kl_per_token(logp, logp, "k1"), torch.zeros(2))
-    assert torch.equal(ppo.kl_per_token(logp, logp, "k3"), torch.zeros(2))
+    assert torch.allclose(ppo.kl_per_token(logp, ref, "k3", ones), k3, atol=1e-6)
+    assert torch.equal(ppo.kl_per_token(logp, logp, "k1", ones), torch.zeros(2))
+    assert torch.equal(ppo.kl_per_token(logp, logp, "k3", ones), torch.zeros(2))
 
 
 def test_kl_estimators_are_unbiased_on_average():
@@ -81,7 +82,34 @@ def test_kl_estimators_are_unbiased_on_average():
     kl = (p * (p / q).log()).sum()
     lp, lq = p.log(), q.log()
     for est in ("k1", "k3"):
-        assert torch.allclose((p * ppo.kl_per_token(lp, lq, est)).sum(), kl, atol=1e-6)
+        assert torch.allclose((p * ppo.kl_per_token(lp, lq, est, torch.ones(3))).sum(), kl, atol=1e-6)
+
+
+def test_kl_after_eos_is_zero_even_where_it_overflows():
+    """A pad token after EOS that the policy finds e^-100 less likely than the reference: k3 = e^100 - ...
+    overflows to inf in fp32, and a product with the mask gave NaN, which GAE spread to every token."""
+    logp, ref = torch.tensor([[-1.0, -101.0]]), torch.tensor([[-1.5, -1.0]])
+    mask = torch.tensor([[1, 0]])  # (B, R): the second token comes after EOS
+    kl = ppo.kl_per_token(logp, ref, "k3", mask)
+    assert kl[0, 1] == 0 and math.isclose(kl[0, 0].item(), math.exp(-0.5) - 1 + 0.5, rel_tol=1e-6)
+    rewards = ppo.per_token_rewards(kl, torch.tensor([1.0]), mask.float(), 0.1)
+    adv, _ = ppo.gae(rewards, torch.zeros(1, 2), mask.float(), 1.0, 0.95)
+    assert torch.isfinite(adv).all()
+
+
+def test_only_k1_as_a_reward_gives_the_kl_gradient():
+    """One-token bandit, exact expectations: PPO's score-function gradient with a per-token reward k is
+    Σ π·k·∇log π (k held fixed). For k1 that is ∇KL(π‖π_ref), computed here by autograd; for k3 it is not,
+    though both have E_π[k] = KL (kl_per_token's docstring)."""
+    logits, ref = torch.tensor([0.5, -0.3, 1.2, 0.0, -1.0], requires_grad=True), torch.tensor([0.1, 0.4, -0.2, 0.3, 0.0])
+    lq = ref.log_softmax(-1)
+    true = torch.autograd.grad((logits.softmax(-1) * (logits.log_softmax(-1) - lq)).sum(), logits)[0]
+    for est, equal in (("k1", True), ("k3", False)):
+        lp = logits.log_softmax(-1)
+        k = ppo.kl_per_token(lp.detach(), lq, est, torch.ones(5))
+        surrogate = (lp.exp().detach() * k * lp).sum()  # its gradient: Σ π·k·∇log π
+        grad = torch.autograd.grad(surrogate, logits)[0]
+        assert torch.allclose(grad, true, atol=1e-6) == equal, (est, grad, true)
 
 
 def test_clipped_losses_by_hand():
