@@ -119,12 +119,19 @@ def rewards(rm, pad_id: int, seqs: list[list[int]], batch_size: int) -> list[flo
 
 
 def answer(args: Args):
-    """Answers in FastChat's format, appended a batch of questions at a time; a rerun skips answered ids."""
+    """Answers in FastChat's format, appended a batch of questions at a time; a rerun skips answered ids,
+    if they were made by the same model directory with the same decoding (each row records it: rows
+    written before it did are taken as they are). A model retrained into the same directory is not seen."""
     model_id, out = args.model_id or Path(args.model).name, Path(args.out)
     questions = salsa.load_questions(args.questions, args.split, args.limit)
-    done = {str(r["question_id"]): r["model_id"] for r in (salsa.read_jsonl(out) if out.exists() else [])}
+    made_by = {k: getattr(args, k) for k in ("model", "dtype", "temperature", "max_new_tokens", "max_prompt_len", "seed")}
+    old = salsa.read_jsonl(out) if out.exists() else []
+    done = {str(r["question_id"]): r["model_id"] for r in old}
     if set(done.values()) - {model_id}:
         raise salsa.InputError(f"{out} holds answers of another model than {model_id}: choose another --out")
+    if other := next((r["made_by"] for r in old if r.get("made_by", made_by) != made_by), None):
+        diff = ", ".join(f"--{k.replace('_', '-')} {other.get(k)} (now {v})" for k, v in made_by.items() if other.get(k) != v)
+        raise salsa.InputError(f"{out} holds answers made with {diff}: choose another --out, or delete it to redo them")
     todo = [q for q in questions if str(q["id"]) not in done]
     print(f"{out}: {len(questions) - len(todo)} questions answered before, {len(todo)} to go")
     if not todo:
@@ -145,14 +152,16 @@ def answer(args: Args):
                 turns[j].append(tok.decode(ids, skip_special_tokens=True).strip())
         for q, t in zip(chunk, turns):
             salsa.log_jsonl(out, {"question_id": q["id"], "model_id": model_id,
-                                  "choices": [{"index": 0, "turns": t}], "tstamp": time.time()})
+                                  "choices": [{"index": 0, "turns": t}], "tstamp": time.time(), "made_by": made_by})
 
 
 # ---------------------------------------------------------------- judges
 def parse_verdict(text: str) -> str:
-    """The last [[A]]/[[B]]/[[C]] of a judge's reply, else "error". A verdict that is part of the
-    instructions echoed back (`"[[A]]" if assistant A is better`, `"[[C]]" for a tie`) does not count."""
-    found = re.findall(r"\[\[([ABC])\]\](?![\"'”’]?\s*(?i:if assistant|for a tie))", text)
+    """The last [[A]]/[[B]]/[[C]] of a judge's reply, else "error". The instructions' own verdicts, when
+    echoed back (`"[[A]]" if assistant A is better`, `"[[C]]" for a tie`, quoted), are cut first; only
+    their exact form is: "[[C]] for a tie." is a verdict, and so is "[[A]]" before "If assistant B had..."."""
+    echoed = r"[\"'“‘]\[\[[ABC]\]\][\"'”’] (?:if assistant [AB] is better|for a tie)"
+    found = re.findall(r"\[\[([ABC])\]\]", re.sub(echoed, "", text))
     return found[-1] if found else "error"
 
 

@@ -50,6 +50,9 @@ def fastchat_answers(path, model_id, answers: dict):
     (f"As instructed, I {ECHO} Both responses are equally good.\n\n[[C]]", "C"),
     (f"I will {ECHO}\nHaving compared them, [[A]]", "A"),
     (f"Instructions recap: {ECHO}", "error"),  # only the echoed instructions: no verdict of its own
+    ("Both are equally helpful. My final verdict: [[C]] for a tie.", "C"),  # not the echo: it is unquoted
+    ("Final verdict: [[A]]\n\nIf assistant B had cited sources it would have won.", "A"),
+    (f"I {ECHO.replace(chr(34), '“', 1)}\n[[B]]", "B"),  # a curly quote in the echo
     ("Both answers are fine, I cannot pick one.", "error"),
     ("Verdict: [[D]]", "error"),
     ("Verdict: [A]", "error"),
@@ -349,8 +352,14 @@ def test_answers_format_second_turn_and_resume(lab, tok, capsys):
     assert "1 questions answered before, 2 to go" in log
     again = salsa.read_jsonl(out)
     assert sorted(r["question_id"] for r in again) == [81, 82, 83] and again[0] == rows[0]
-    ev.answer(salsa.parse_args(ev.Args, ["--model", models[0], "--questions", qs, "--out", str(out)]))
+    ev.answer(salsa.parse_args(ev.Args, ["--model", models[0], "--questions", qs, "--out", str(out), "--max-new-tokens", "6"]))
     assert "3 questions answered before, 0 to go" in capsys.readouterr().out
+    # answers of another model directory, or decoded otherwise, are not taken as this run's
+    for flags, diff in ((["--model", models[1], "--model-id", "sft0", "--max-new-tokens", "6"], f"--model {models[0]} \\(now {models[1]}\\)"),
+                        (["--model", models[0], "--max-new-tokens", "16"], r"--max-new-tokens 6 \(now 16\)")):
+        with pytest.raises(salsa.InputError, match=f"sft0.jsonl holds answers made with {diff}: choose another --out"):
+            ev.answer(salsa.parse_args(ev.Args, [*map(str, flags), "--questions", str(qs), "--out", str(out)]))
+    assert salsa.read_jsonl(out) == again
 
 
 def test_questions_in_three_formats(tmp_path):
