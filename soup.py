@@ -45,6 +45,7 @@ class Args:
     extrapolate: bool = salsa.arg(False, "allow weights outside [0, 1] (the plane of Fig. 2c extends past the triangle)")
     greedy: bool = salsa.arg(False, "greedy soup (Wortsman et al. 2022) scored by held-out SFT loss on --eval-data")
     eval_data: str = salsa.arg("", "greedy: held-out chat rows with `messages` (.json/.jsonl/.parquet or hub name)")
+    eval_split: str = salsa.arg("test_sft", "greedy: dataset split of a hub --eval-data (UltraChat-200k's held-out one)")
     eval_rows: int = salsa.arg(256, "greedy: number of held-out rows scored")
     max_len: int = salsa.arg(2048, "greedy: max tokens per row (paper App. A.1)")
     batch_size: int = salsa.arg(8, "greedy: rows per forward (paper App. A.1)")
@@ -223,10 +224,10 @@ def stream_soup(paths: list[str], weights: list[float], out: str, shard_size: in
 
 
 # ---------------------------------------------------------------- greedy soup
-def heldout(tok, source: str, rows: int, max_len: int) -> list:
+def heldout(tok, source: str, split: str, rows: int, max_len: int) -> list:
     """(ids, labels) of the first `rows` held-out chat rows, read and tokenized exactly as sft.py does."""
     from sft import read_chats, tokenize
-    examples, _ = tokenize(tok, read_chats(source, "train")[:rows], max_len, show=False)
+    examples, _ = tokenize(tok, read_chats(source, split)[:rows], max_len, show=False)
     if not examples:  # every answer starts beyond max_len
         raise salsa.InputError(f"{source}: no row with an assistant token within --max-len {max_len}")
     return examples
@@ -256,7 +257,7 @@ def main(args: Args):
             raise salsa.InputError("--greedy scores the ingredients on --eval-data: give a held-out chat file")
         tok = salsa.load_tokenizer(paths[0])
         from sft import eval_loss  # held-out SFT loss per assistant token, as sft.py logs it
-        examples = heldout(tok, args.eval_data, args.eval_rows, args.max_len)
+        examples = heldout(tok, args.eval_data, args.eval_split, args.eval_rows, args.max_len)
         kept = greedy_soup(paths, lambda ps, ws: eval_loss(load_soup(ps, ws, tok), examples, args.batch_size,
                                                            tok.pad_token_id, salsa.Dist()))
         paths, weights = [paths[i] for i in kept], [1 / len(kept)] * len(kept)

@@ -229,9 +229,13 @@ def write_chat(path, n=3):
     return str(path)
 
 
-def test_greedy_scores_with_the_sft_heldout_loss(tmp_path, models, tok):
+def test_greedy_scores_with_the_sft_heldout_loss(tmp_path, models, tok, monkeypatch):
     import sft
-    examples = soup.heldout(tok, write_chat(tmp_path / "eval.jsonl"), rows=3, max_len=256)
+    read, splits = salsa.read_rows, []  # the split a hub --eval-data is read from (it was always "train")
+    monkeypatch.setattr(salsa, "read_rows", lambda source, split: splits.append(split) or read(source, split))
+    args = salsa.parse_args(soup.Args, ["--models", "a", "b", "--greedy", "--eval-data", "x"])
+    examples = soup.heldout(tok, write_chat(tmp_path / "eval.jsonl"), args.eval_split, rows=3, max_len=256)
+    assert splits == ["test_sft"]
     model = salsa.load_model(models["f0"], tok)
     ids, mask, labels = sft.collate(examples, tok.pad_token_id, "cpu")
     with torch.no_grad():
