@@ -18,8 +18,11 @@ Choices, and where we depart from the paper or FastChat:
   FastChat would grade math and coding against reference answers (pair-math-v1); the paper does not.
 - Each pair is judged in both orders; verdicts that disagree make a tie (FastChat's rule); a reply with no
   verdict is asked again (--retries), then is an error, counted apart, never a win. Win rate = win / n,
-  adjusted = (win + tie / 2) / n with n = win + loss + tie (Tables 1-5); the bootstrap interval is ours.
-- The reward of (x, y) is the reward model on prompt_ids(x) + y + EOS, the sequence PPO scores.
+  adjusted = (win + tie / 2) / n with n = win + loss + tie (Tables 1-5); the bootstrap interval is ours (it
+  resamples questions, a question's turns together).
+- The reward of (x, y) is the reward model on prompt_ids(x) + y + EOS, the sequence PPO scores when y ended
+  itself. An answer cut at --max-new-tokens gets the EOS too (the answers file does not record the cut; `answer`
+  prints how many were): PPO scores such a response without EOS and subtracts --missing-eos-penalty.
 """
 import csv
 import hashlib
@@ -64,13 +67,15 @@ class Args:
     judge_key_env: str = salsa.arg("OPENAI_API_KEY", "api: environment variable holding the key (never logged)")
     judge_prompts: str = salsa.arg("data/judge_prompts.jsonl", "FastChat's judge prompts (pair-v2, pair-v2-multi-turn)")
     dataset: str = salsa.arg("", "judge: dataset name in the table (default: the question file's folder)")
-    cache: str = salsa.arg("runs/eval/judge_cache.jsonl", "api: every judgment appended as it arrives; reruns reuse it")
+    cache: str = salsa.arg("runs/eval/judge_cache.jsonl", "api: every judgment appended as it arrives; reruns "
+                                                        "with the same --judge-url and --judge-model reuse it")
     concurrency: int = salsa.arg(8, "api: requests in flight")
     retries: int = salsa.arg(6, "api: retries on 429, 5xx and timeouts (the openai client's, with backoff and "
                                 "Retry-After), and on replies with no verdict")
     timeout: float = salsa.arg(120.0, "api: seconds per request")
     tie_margin: float = salsa.arg(0.0, "rm/py judges: scores closer than this are a tie")
-    bootstrap: int = salsa.arg(1000, "judge: bootstrap resamples of the 95-percent interval of the adjusted win rate")
+    bootstrap: int = salsa.arg(1000, "judge: bootstrap resamples (of questions, with all their turns) of the "
+                                     "95-percent interval of the adjusted win rate")
     seed: int = salsa.arg(0, "seed of sampling and of the bootstrap")
     dtype: str = salsa.arg("float32", "weights dtype")
     attn: str = salsa.arg("sdpa", "attention implementation (sdpa, eager, flash_attention_2)")
@@ -103,10 +108,14 @@ def prompt_ids(tok, prompt, max_len: int, where: str) -> list[int]:
     return ids[-max_len:]
 
 
-def generate(model, tok, prompts: list[list[int]], args: Args) -> list[list[int]]:
-    """Answer token ids, up to (without) the first EOS; batched with left padding, KV cache on."""
+def generate(model, tok, prompts: list[list[int]], args: Args, cut: list | None = None) -> list[list[int]]:
+    """Answer token ids, up to (without) the first EOS; batched with left padding, KV cache on. Appends to
+    `cut`, if given, one True for each answer that ran to --max-new-tokens without an EOS."""
     cfg, eos = salsa.generation_config(tok, args.temperature, args.max_new_tokens), tok.eos_token_id
-    return [r[:-1] if r[-1:] == [eos] else r for r in salsa.generate(model, tok, prompts, cfg, args.batch_size)]
+    out = salsa.generate(model, tok, prompts, cfg, args.batch_size)
+    if cut is not None:
+        cut += [r[-1:] != [eos] for r in out]
+    return [r[:-1] if r[-1:] == [eos] else r for r in out]
 
 
 @torch.no_grad()
@@ -141,6 +150,7 @@ def answer(args: Args):
                              allow_pickle=args.allow_pickle).eval()
     todo.sort(key=lambda q: len(q["turns"][0]))  # similar lengths share a batch: less padding
     out.parent.mkdir(parents=True, exist_ok=True)
+    cut = []
     for i in tqdm(range(0, len(todo), args.batch_size), desc=f"answer {model_id}"):
         chunk = todo[i:i + args.batch_size]
         turns = [[] for _ in chunk]
@@ -148,11 +158,12 @@ def answer(args: Args):
             rows = [j for j, q in enumerate(chunk) if k < len(q["turns"])]
             prompts = [prompt_ids(tok, conversation(chunk[j]["turns"], turns[j], k), args.max_prompt_len,
                                   f"{args.questions} question {chunk[j]['id']} turn {k + 1}") for j in rows]
-            for j, ids in zip(rows, generate(model, tok, prompts, args)):
+            for j, ids in zip(rows, generate(model, tok, prompts, args, cut)):
                 turns[j].append(tok.decode(ids, skip_special_tokens=True).strip())
         for q, t in zip(chunk, turns):
             salsa.log_jsonl(out, {"question_id": q["id"], "model_id": model_id,
                                   "choices": [{"index": 0, "turns": t}], "tstamp": time.time(), "made_by": made_by})
+    print(f"{out}: {sum(cut)} of {len(cut)} answers cut at --max-new-tokens {args.max_new_tokens} without an EOS")
 
 
 # ---------------------------------------------------------------- judges
@@ -228,8 +239,9 @@ def judge_api(args: Args, games: dict) -> dict:
         raise salsa.InputError("--judge api needs the openai package: pip install openai "
                                "(or judge locally with --judge rm:DIR or py:module:function)") from None
     # the client refuses an empty key; a local server (vLLM, llama.cpp) ignores the placeholder, OpenAI says 401
-    client = OpenAI(base_url=args.judge_url.rstrip("/").removesuffix("/chat/completions"), timeout=args.timeout,
-                    api_key=os.environ.get(args.judge_key_env) or "no-key", max_retries=args.retries)
+    url = args.judge_url.rstrip("/").removesuffix("/chat/completions")
+    client = OpenAI(base_url=url, timeout=args.timeout, api_key=os.environ.get(args.judge_key_env) or "no-key",
+                    max_retries=args.retries)
     text = Path(args.cache).read_text() if Path(args.cache).exists() else ""
     cache = {}
     for line in text.splitlines():
@@ -237,7 +249,9 @@ def judge_api(args: Args, games: dict) -> dict:
             r = json.loads(line)
         except ValueError:  # the line a killed run was writing
             continue
-        if parse_verdict(r["judgment"] or "") != "error":  # older runs also cached replies with no verdict
+        # another endpoint's "gpt-4-turbo" (a local server's, a proxy's) is another judge; rows from before the
+        # url was recorded are taken as they are. Older runs also cached replies with no verdict.
+        if r.get("url", url) == url and parse_verdict(r["judgment"] or "") != "error":
             cache[r["key"]] = r["judgment"]
     Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
     if text and not text.endswith("\n"):  # what we append must not extend that cut line
@@ -253,7 +267,7 @@ def judge_api(args: Args, games: dict) -> dict:
             game = futures[f]
             try:
                 cache[keys[game]] = f.result()
-                salsa.log_jsonl(args.cache, {"key": keys[game], "judge": args.judge_model, "game": game,
+                salsa.log_jsonl(args.cache, {"key": keys[game], "judge": args.judge_model, "url": url, "game": game,
                                              "judgment": cache[keys[game]]})
             except JudgeError as e:
                 tqdm.write(f"judge error on {game}: {e}")
@@ -282,17 +296,26 @@ def local_scores(args: Args, runs: dict, units: list) -> dict:
     return {m: s[i * len(units):(i + 1) * len(units)] for i, m in enumerate(runs)}
 
 
-def summary(outcomes: list[str], n_boot: int, seed: int) -> dict:
-    """Table 2-5 numbers in percent, plus a bootstrap 95% interval of the adjusted win rate."""
+def summary(outcomes: list[str], questions: list[str], n_boot: int, seed: int) -> dict:
+    """Table 2-5 numbers in percent, plus a bootstrap 95% interval of the adjusted win rate.
+    outcomes[i] is the judgment of a turn of questions[i]. The bootstrap resamples questions, each with all its
+    turns: MT-Bench's second turn is judged on a conversation that holds the first, so the two are not independent
+    draws, and resampling turns alone gives too narrow an interval when they agree."""
     n = {o: outcomes.count(o) for o in ("win", "loss", "tie", "error")}
+    value = {"win": 1.0, "tie": 0.5, "loss": 0.0}
+    kept = [(q, value[o]) for q, o in zip(questions, outcomes, strict=True) if o != "error"]
+    if not kept:
+        raise ValueError("every judgment was an error: nothing to tabulate")
     # rates exact from the counts, the bootstrap in float64: in float32, 81 / 160 comes out as 0.50625002
     # and a table prints 50.63, not the exact 50.625's 50.62
-    x = torch.tensor([{"win": 1.0, "tie": 0.5, "loss": 0.0}[o] for o in outcomes if o != "error"]).double()  # (N,)
-    if not len(x):
-        raise ValueError("every judgment was an error: nothing to tabulate")
-    idx = torch.randint(len(x), (n_boot, len(x)), generator=torch.Generator().manual_seed(seed))  # (n_boot, N)
-    lo, hi = torch.quantile(100 * x[idx].mean(1), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return {**n, "win_rate": 100 * n["win"] / len(x), "adj_win_rate": 100 * (n["win"] + n["tie"] / 2) / len(x),
+    group = {q: i for i, q in enumerate(dict.fromkeys(q for q, _ in kept))}  # question -> index, first seen first
+    qid = torch.tensor([group[q] for q, _ in kept])  # (N,)
+    score = torch.zeros(len(group), dtype=torch.float64).index_add_(0, qid, torch.tensor([x for _, x in kept]).double())
+    count = torch.zeros(len(group), dtype=torch.float64).index_add_(0, qid, torch.ones(len(kept)).double())  # (Q,)
+    idx = torch.randint(len(group), (n_boot, len(group)), generator=torch.Generator().manual_seed(seed))  # (n_boot, Q)
+    boot = 100 * score[idx].sum(1) / count[idx].sum(1)  # each resample's adjusted win rate over its questions' turns
+    lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {**n, "win_rate": 100 * n["win"] / len(kept), "adj_win_rate": 100 * (n["win"] + n["tie"] / 2) / len(kept),
             "ci_low": lo, "ci_high": hi}
 
 
@@ -332,8 +355,9 @@ def judge(args: Args):
                             for x, y in zip(score[a], score[b])] for a, b in pairs}
     dataset = args.dataset or (Path(args.questions).parent.name if Path(args.questions).exists() else args.questions)
     name = args.judge_model if args.judge == "api" else args.judge
+    of = [qid for qid, _, _ in units]  # the question of each unit, which the bootstrap resamples
     write_table(args.out, [{"dataset": dataset, "model": a, "opponent": b, "judge": name,
-                            **summary(o, args.bootstrap, args.seed)} for (a, b), o in outcome.items()])
+                            **summary(o, of, args.bootstrap, args.seed)} for (a, b), o in outcome.items()])
 
 
 # ---------------------------------------------------------------- reward analyses (§4.2)

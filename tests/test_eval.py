@@ -3,8 +3,10 @@ against the paper's own rows, the judge client against a stub server on loopback
 replies with no verdict, timeout, cache of verdicts only), answers on a tiny model (format, second turn,
 resume), the alpha line's ends against its ingredients, and every command end to end with its table or plots."""
 import csv
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -82,7 +84,7 @@ PAPER_ROWS = [(29, 21, 110, 18.12, 52.50), (21, 29, 110, 13.12, 47.50), (102, 62
 @pytest.mark.parametrize("win, loss, tie, wr, adj", PAPER_ROWS)
 def test_win_rates_match_the_paper(win, loss, tie, wr, adj):
     outcomes = ["win"] * win + ["loss"] * loss + ["tie"] * tie + ["error"] * 3  # errors count in no rate
-    s = ev.summary(outcomes, n_boot=200, seed=0)
+    s = ev.summary(outcomes, own(outcomes), n_boot=200, seed=0)
     assert (s["win"], s["loss"], s["tie"], s["error"]) == (win, loss, tie, 3)
     assert abs(s["win_rate"] - wr) <= 0.005 + 1e-9 and abs(s["adj_win_rate"] - adj) <= 0.005 + 1e-9
     assert s["ci_low"] < s["adj_win_rate"] < s["ci_high"]
@@ -94,16 +96,41 @@ def test_win_rates_match_the_paper(win, loss, tie, wr, adj):
 def test_adjusted_win_rate_is_exact(win, loss, tie, adj):
     float32 = 100 * torch.tensor([1.0] * win + [0.5] * tie + [0.0] * loss).mean().item()
     assert f"{float32:.2f}" != adj == f"{100 * (win + tie / 2) / 160:.2f}"  # the row tells the two apart
-    s = ev.summary(["win"] * win + ["loss"] * loss + ["tie"] * tie, n_boot=10, seed=0)
+    outcomes = ["win"] * win + ["loss"] * loss + ["tie"] * tie
+    s = ev.summary(outcomes, own(outcomes), n_boot=10, seed=0)
     assert f"{s['adj_win_rate']:.2f}" == adj
 
 
+def own(outcomes: list[str]) -> list[str]:
+    """Every judgment its own question (one turn each, as on Arena-Hard)."""
+    return [str(i) for i in range(len(outcomes))]
+
+
 def test_bootstrap_interval():
-    assert ev.summary(["win"] * 10, 100, 0)["ci_low"] == 100.0  # no spread, no interval
-    a, b = ev.summary(["win", "tie", "loss"] * 40, 500, 1), ev.summary(["loss", "tie", "win"] * 40, 500, 1)
+    assert ev.summary(["win"] * 10, own("x" * 10), 100, 0)["ci_low"] == 100.0  # no spread, no interval
+    x, y = ["win", "tie", "loss"] * 40, ["loss", "tie", "win"] * 40
+    a, b = ev.summary(x, own(x), 500, 1), ev.summary(y, own(y), 500, 1)
     assert a["ci_low"] == pytest.approx(100 - b["ci_high"]) and a["ci_high"] == pytest.approx(100 - b["ci_low"])
     half_width = 100 * 1.96 * (1 / 6 / 120) ** 0.5  # normal approximation: outcomes 1, 1/2, 0 have variance 1/6
     assert a["ci_high"] - a["ci_low"] == pytest.approx(2 * half_width, rel=0.2)
+
+
+def test_bootstrap_resamples_questions_not_turns():
+    """Two turns judged alike carry one question's evidence: the interval is that of the questions alone, exactly
+    (each resample's ratio is the same), not the sqrt(2)-narrower one of 240 independent turns."""
+    x = ["win", "tie", "loss"] * 40
+    one_turn = ev.summary(x, own(x), 500, 1)
+    two_alike = ev.summary([o for o in x for _ in range(2)], [q for q in own(x) for _ in range(2)], 500, 1)
+    assert (two_alike["ci_low"], two_alike["ci_high"]) == pytest.approx((one_turn["ci_low"], one_turn["ci_high"]))
+    assert two_alike["adj_win_rate"] == one_turn["adj_win_rate"] == 50.0
+    as_turns = ev.summary([o for o in x for _ in range(2)], own(x * 2), 500, 1)  # the old, turn-level bootstrap
+    width = {k: s["ci_high"] - s["ci_low"] for k, s in (("q", two_alike), ("t", as_turns))}
+    assert width["t"] == pytest.approx(width["q"] / 2 ** 0.5, rel=0.2)
+    # errors leave the count, and a question whose turns are all errors leaves the resampling
+    s = ev.summary(["win", "error", "error", "error", "loss", "tie"], ["1", "1", "2", "2", "3", "3"], 200, 0)
+    assert (s["error"], s["adj_win_rate"]) == (3, 50.0)  # (1 + 0 + 1/2) / 3
+    # resamples of questions 1 (1 of 1) and 3 (1/2 of 2): 100, 50 or 25, never the 0 of question 3's loss alone
+    assert (s["ci_low"], s["ci_high"]) == (25.0, 100.0)
 
 
 def test_judge_prompts_are_fastchats():
@@ -252,6 +279,7 @@ def test_cache_and_counted_errors(stub, tmp_path, monkeypatch):
     assert len(stub.requests) == n + 2 and all(r == "[[A]]" for r in again.values())
     cached = salsa.read_jsonl(args.cache)
     cached[0]["judgment"], cached[1]["judgment"] = "I am not sure.", None  # as older runs cached them
+    del cached[2]["url"]  # a row from before the url was recorded: taken as it is
     write_jsonl(args.cache, cached)
     assert ev.judge_api(args, games) == again and len(stub.requests) == n + 4  # not cached: asked again
     with open(args.cache, "a") as fh:
@@ -260,6 +288,14 @@ def test_cache_and_counted_errors(stub, tmp_path, monkeypatch):
     games["p", "q", "new", 1] = ("sys", "one more")
     ev.judge_api(args, games)
     assert ev.judge_api(args, games)["p", "q", "new", 1] == "[[A]]" and len(stub.requests) == n + 5
+    # the same judge model name at another endpoint is another judge: asked again (but for the row without a url),
+    # cached apart
+    other = dataclasses.replace(args, judge_url=stub.url.replace("127.0.0.1", "localhost"))
+    assert ev.judge_api(other, games) == ev.judge_api(args, games) and len(stub.requests) == n + 5 + 6
+    same = dataclasses.replace(args, judge_url=stub.url + "/chat/completions/")  # the full URL names the same base
+    assert ev.judge_api(same, games) == again | {("p", "q", "new", 1): "[[A]]"} and len(stub.requests) == n + 11
+    rows = [json.loads(line) for line in Path(args.cache).read_text().splitlines() if "cut by a cra" not in line]
+    assert {r.get("url") for r in rows} == {None, stub.url, other.judge_url}
 
 
 def test_judge_api_without_openai_says_what_to_install(tmp_path, monkeypatch):
@@ -349,7 +385,7 @@ def test_answers_format_second_turn_and_resume(lab, tok, capsys):
     assert text.index("haiku about rain") < text.index("FIRST ANSWER") < text.index("make it rhyme")
     write_jsonl(out, rows[:1])  # as if killed after the first batch
     log = run("answer", "--model", models[0], "--questions", qs, "--out", out, "--max-new-tokens", 6)
-    assert "1 questions answered before, 2 to go" in log
+    assert "1 questions answered before, 2 to go" in log and re.search(r"sft0.jsonl: \d of 4 answers cut at", log)
     again = salsa.read_jsonl(out)
     assert sorted(r["question_id"] for r in again) == [81, 82, 83] and again[0] == rows[0]
     ev.answer(salsa.parse_args(ev.Args, ["--model", models[0], "--questions", qs, "--out", str(out), "--max-new-tokens", "6"]))
@@ -360,6 +396,14 @@ def test_answers_format_second_turn_and_resume(lab, tok, capsys):
         with pytest.raises(salsa.InputError, match=f"sft0.jsonl holds answers made with {diff}: choose another --out"):
             ev.answer(salsa.parse_args(ev.Args, [*map(str, flags), "--questions", str(qs), "--out", str(out)]))
     assert salsa.read_jsonl(out) == again
+
+
+def test_generate_strips_the_eos_and_counts_the_cut(tok, monkeypatch):
+    eos = tok.eos_token_id
+    monkeypatch.setattr(salsa, "generate", lambda model, tok, prompts, cfg, bs: [[5, eos], [5, 6], [eos], []])
+    cut = [True]  # appended to, not replaced
+    assert ev.generate(None, tok, [[1]] * 4, ev.Args(max_new_tokens=2), cut) == [[5], [5, 6], [], []]
+    assert cut == [True, False, True, False, True]
 
 
 def test_questions_in_three_formats(tmp_path):
