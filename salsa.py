@@ -474,7 +474,7 @@ def read_rows(source: str, split: str = "train") -> list[tuple[str, dict]]:
                             rows.append((f"{source} line {i}", json.loads(line)))
                         except json.JSONDecodeError as e:
                             raise InputError(f"{source} line {i}: not valid JSON ({e})") from None
-            return rows
+            return check_objects(rows)
         if source.endswith(".json"):
             try:
                 rows = json.loads(Path(source).read_text(encoding="utf-8-sig"))
@@ -493,7 +493,16 @@ def read_rows(source: str, split: str = "train") -> list[tuple[str, dict]]:
         import datasets
         rows = list(datasets.load_dataset(source, split=split))
         source = f"{source}[{split}]"
-    return [(f"{source} row {i}", row) for i, row in enumerate(rows, 1)]
+    return check_objects([(f"{source} row {i}", row) for i, row in enumerate(rows, 1)])
+
+
+def check_objects(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """Refuse, naming it, a row that is not a JSON object (a bare string or number line): `"prompt" in row`
+    would test a string's letters."""
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected a JSON object of fields, got {json.dumps(row)[:60]}")
+    return rows
 
 
 def load_questions(source: str, split: str, limit: int = 0) -> list[dict]:
@@ -528,6 +537,10 @@ def check_messages(messages, where: str, answered: bool = True) -> list[dict]:
                              f"got {m!r:.80}")
     if answered and not any(m["role"] == "assistant" for m in messages):
         raise InputError(f"{where}: no assistant message to learn from")
+    first = next((j for j, m in enumerate(messages) if m["role"] != "system"), None)
+    if first is not None and messages[first]["role"] == "assistant":  # nothing to render as its prompt
+        raise InputError(f"{where}: message {first} is the assistant's, before any user message: "
+                         "a conversation starts with the user")
     return messages
 
 
@@ -568,9 +581,9 @@ def tokenize_chat(tok, messages: list[dict], max_len: int, where: str = "row"):
 
 def prompt_ids(tok, prompt, where: str = "row") -> list[int]:
     """Token ids of a user prompt (str or messages ending with a user turn) plus the assistant header."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    if not isinstance(messages, list) or not messages or messages[-1].get("role") != "user":
-        raise InputError(f"{where}: prompt must be a string or messages ending with a user turn")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else check_messages(prompt, where, False)
+    if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+        raise InputError(f"{where}: prompt must be a non-empty string or messages ending with a user turn")
     return render(tok, messages, add_generation_prompt=True)
 
 
@@ -809,8 +822,8 @@ def prepare_out(out: str, resume: bool) -> str:
     ckpt = f"{out}.ckpt"
     if not resume and latest_checkpoint(ckpt):
         raise InputError(f"{ckpt} holds checkpoints of an earlier run: pass --resume or delete it")
-    for stale in Path(ckpt).glob(".*.tmp*"):  # half-written saves of a crashed run
-        shutil.rmtree(stale)
+    for stale in Path(ckpt).glob(".*.tmp*"):  # half-written saves of a crashed run; under torchrun every rank
+        shutil.rmtree(stale, ignore_errors=True)  # deletes them at once, and a file another rank took is no error
     if not (resume and latest_checkpoint(ckpt)):  # a fresh start: no metrics of a run that died before a checkpoint
         Path(ckpt, "metrics.jsonl").unlink(missing_ok=True)
     return ckpt
@@ -1078,6 +1091,21 @@ class Study(Recipe):
                                     "ablations at 0.2)")
 
 
+def differ(was: list[str], now: list[str]) -> str:
+    """The flags two command lines give differently, as '--lr 1e-05 (now 0.003)'."""
+    def values(cmd):
+        out, key = {}, ""
+        for c in cmd:
+            key = c if c.startswith("--") else key
+            out.setdefault(key, []).extend([] if c == key else [c])
+        return out
+    def show(v: list | None) -> str:
+        return "unset" if v is None else " ".join(v) or "set"
+    was, now = values(was), values(now)
+    return ", ".join(f"{k or 'script'} {show(was.get(k))} (now {show(now.get(k))})"
+                     for k in dict.fromkeys([*was, *now]) if was.get(k) != now.get(k))
+
+
 def recipe(a: Recipe):
     """SFT x2 seeds -> soup (alpha 0.5) -> reward model -> PPO (β 0.2) and SALSA (β 0.01) from the same
     SFT model -> answers to held-out questions -> win rates, scores, Fig. 2's alpha line, Fig. 3's
@@ -1097,6 +1125,8 @@ def recipe(a: Recipe):
     R.mkdir(parents=True, exist_ok=True)
     times_file = R / "times.json"
     times = json.loads(times_file.read_text()) if times_file.exists() else {}
+    made_file = R / "stages.json"  # each finished stage's script and flags: a skip must not report other flags
+    made = json.loads(made_file.read_text()) if made_file.exists() else {}
     py, launch = [sys.executable], shlex.split(a.launcher) or [sys.executable]
     script = {s: os.path.relpath(here / f"{s}.py") for s in ("salsa", "sft", "soup", "reward", "ppo", "eval")}
 
@@ -1105,17 +1135,23 @@ def recipe(a: Recipe):
         Once `out` exists, the stage's resumable checkpoints `out.ckpt/step-N` are deleted (its metrics
         and samples there stay): they serve only --resume of an unfinished run, and each holds a model
         and its optimizer (a PPO one, policy and critic: ~3.3 GB at 135M, two kept per run), which a
-        study's 20 runs would pile up."""
+        study's 20 runs would pile up. A stage whose `out` was made with other flags (stages.json) is
+        refused, not skipped: its numbers would be reported under this run's flags."""
+        flags = [Path(str(cmd[0])).name, *map(str, cmd[1:])]  # what makes `out`: the script and flags, not the launcher
         cmd = [str(c) for c in [*launcher, *cmd]]
         if out and out.exists():
+            if (was := made.get(name, flags)) != flags:  # stages from before stages.json are taken as they are
+                sys.exit(f"[{name}] {out} was made with {differ(was, flags)}: delete it to redo it with these "
+                         "flags, or choose another --out")
             print(f"[{name}] skipped: {out} exists")
         else:
             print(f"\n[{name}] $ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
             start = time.time()
             if subprocess.run(cmd).returncode:
                 sys.exit(f"[{name}] failed (its error is above); finished stages are kept, rerun to resume")
-            times[name] = round(time.time() - start, 1)
+            times[name], made[name] = round(time.time() - start, 1), flags
             times_file.write_text(json.dumps(times, indent=1))
+            made_file.write_text(json.dumps(made, indent=1))
         if out:
             for done in checkpoints(f"{out}.ckpt"):
                 shutil.rmtree(done)
@@ -1136,7 +1172,7 @@ def recipe(a: Recipe):
         stage("soup3", R / "soup3", [script["soup"], "--models", *sft.values(), "--out", R / "soup3"])
     stage("reward", R / "rm", [script["reward"], "--model", sft[1], "--data", prefs, "--max-steps", a.rm_steps,
                                "--lr", a.rm_lr, "--max-len", a.max_len, "--norm-samples", a.norm_samples,
-                               "--norm-max-new-tokens", a.max_new_tokens, "--out", R / "rm"], launch)
+                               "--norm-max-new-tokens", a.max_new_tokens, "--resume", "--out", R / "rm"], launch)
     runs = {"ppo": ["--ref", "sft", "--init-kl-coef", 0.2],  # App. A.3's β for PPO and for SALSA
             "salsa": ["--ref", "soup", "--soup", R / "soup", "--init-kl-coef", 0.01],
             **dict(extra[x] for x in a.ablations)}

@@ -129,6 +129,13 @@ def test_recipe_end_to_end(toy_recipe):
     for n in ("sft-seed1", "ppo"):  # a finished stage keeps its log, not its checkpoints
         assert sorted(p.name for p in (r / f"{n}.ckpt").iterdir()) == ["metrics.jsonl"] + (n == "ppo") * ["samples.jsonl"]
     assert json.loads((r / "times.json").read_text())["sft-seed1"] == times["sft-seed1"]
+    made = json.loads((r / "stages.json").read_text())  # each stage's script and flags, as it ran
+    for n, script in (("sft-seed1", "sft.py"), ("reward", "reward.py"), ("ppo", "ppo.py")):  # resumable by a rerun
+        assert made[n][0] == script and "--resume" in made[n], n
+    results = (r / "results.md").read_text()
+    other = subprocess.run([*cmd, "--ppo-lr", "0.003"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert other.returncode and f"[ppo] {r / 'ppo'} was made with --lr 1e-05 (now 0.003): delete it" in other.stderr
+    assert (r / "results.md").read_text() == results  # not rewritten under flags its numbers were not made with
 
 
 def test_full_scale_recipe_shape_under_torchrun(tmp_path, tok):

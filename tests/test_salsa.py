@@ -5,6 +5,7 @@ or a slow, obviously-correct reference (tier c).
 """
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -343,6 +344,29 @@ def test_a_stage_ends_its_process_group(monkeypatch):
 
 
 # ---------------------------------------------------------------- chat data
+def test_ranks_clean_the_same_stale_save_at_once(tmp_path):
+    """Every rank runs prepare_out; two deleting one crashed save's folder at once must both go on."""
+    ckpt = tmp_path / "sft.ckpt"
+    for n in range(3):
+        stale = ckpt / f".step-0000000{n}.tmp"
+        stale.mkdir(parents=True)
+        for i in range(1000):
+            (stale / f"__{i}_0.distcp").write_bytes(b"")
+    ctx = torch.multiprocessing.get_context("fork")
+    start = ctx.Barrier(2)
+    procs = [ctx.Process(target=prepare_after, args=(start, str(tmp_path / "sft"))) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0] and list(ckpt.iterdir()) == []
+
+
+def prepare_after(start, out):
+    start.wait()
+    salsa.prepare_out(out, resume=False)
+
+
 def test_read_rows_local(tmp_path):
     """Rows with where they are, one rule for every stage: a jsonl file's line number (blank lines
     count), else the row counted from 1; a UTF-8 byte-order mark is skipped, not a JSON error."""
@@ -368,6 +392,10 @@ def test_read_rows_local(tmp_path):
         salsa.read_rows(str(tmp_path / "missing.jsonl"))
     with pytest.raises(salsa.InputError, match="missing.jsonl"):
         salsa.read_rows("missing.jsonl")
+    for line in ('"a string"', "5", "[1, 2]"):  # not objects: `"prompt" in row` would test a string's letters
+        (tmp_path / "bare.jsonl").write_text('{"prompt": "a"}\n' + line + "\n")
+        with pytest.raises(salsa.InputError, match=rf"bare\.jsonl line 2: expected a JSON object of fields, got {re.escape(line)}"):
+            salsa.read_rows(str(tmp_path / "bare.jsonl"))
 
 
 def no_hub(*a, **kw):
@@ -390,6 +418,8 @@ def test_read_rows_missing_relative_path(tmp_path, monkeypatch):
     ([{"role": "user", "content": "hi"}, {"role": "assistant"}], "message 1"),
     ([{"role": "user", "content": "hi"}], "no assistant"),
     ([], "non-empty list"),
+    ([{"role": "system", "content": "Be kind."}, {"role": "assistant", "content": "Hello!"},
+      {"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], "message 1 is the assistant's, before any"),
 ])
 def test_check_messages_names_the_row(messages, error):
     with pytest.raises(ValueError, match=rf"^train\.jsonl row 7: .*{error}"):
@@ -437,8 +467,10 @@ def test_prompt_ids_end_with_assistant_header(tok):
     assert tok.decode(ids).endswith("<|im_start|>user\nTell me a joke<|im_end|>\n<|im_start|>assistant\n")
     prefix = salsa.prompt_ids(tok, CHAT[:3])  # the context of the second answer, as training saw it
     assert salsa.tokenize_chat(tok, CHAT, max_len=1000)[0][:len(prefix)] == prefix
-    with pytest.raises(ValueError, match="row 4: prompt must"):
-        salsa.prompt_ids(tok, CHAT[:2], where="row 4")
+    for bad in (CHAT[:2], "", "  \n", [], 5, [{"role": "user"}], ["hello"], [{"role": "gpt", "content": "hi"}, CHAT[0]],
+                [{"role": "user", "content": " "}]):  # each was rendered, or crashed in the template, unnamed
+        with pytest.raises(salsa.InputError, match="^row 4: "):
+            salsa.prompt_ids(tok, bad, where="row 4")
 
 
 def test_load_tokenizer_pad_is_not_eos(tok):
