@@ -453,16 +453,21 @@ def main(args: Args):
 
         # 7. KL controller, on the sequence KL of this batch (nats), before logging it.
         seq_kl = (kl * rmask).sum(-1).mean().item()
+        # token means over every rank's tokens: ranks' responses differ in length, so a mean of their means is not
+        # the batch's. The sums of the PPO epochs' statistics and of the entropy, then the two token counts.
+        *sums, n_all, n_resp = salsa.all_sum(torch.tensor([*stats.values(), (entropy * rmask).sum().item(), n_tok,
+                                                           rmask.sum().item()], dtype=torch.float64, device=dist.device),
+                                             dist).tolist()
+        token_means = {k: v / n_all for k, v in zip(stats, sums)} | {"objective/entropy": sums[-1] / n_resp}
         metrics = {
             "step": step + 1, "kl_coef": kl_coef,
             "objective/score": score.mean().item(), "objective/kl": seq_kl,
             **({"objective/kl_init": (kl_init * rmask).sum(-1).mean().item()} if init is not None else {}),
             **({"objective/gold": gold_mean} if gold else {}),
             "objective/non_score_reward": (-kl_coef * kl * rmask).sum(-1).mean().item(),
-            "objective/entropy": ((entropy * rmask).sum() / rmask.sum()).item(),
             "objective/response_len": rmask.sum(-1).mean().item(),
             "objective/no_eos_frac": (~has_eos).float().mean().item(),
-            **{k: v / n_tok for k, v in stats.items()},  # token means over all epochs and minibatches
+            **token_means,  # over all epochs and minibatches
             "ppo/grad_norm_last": salsa.full(grad_norm).item(),  # the last minibatch's, before clipping
             # over every rank's tokens: a mean of the ranks' ratios would not be the batch's
             "val/explained_var": (1 - moments(returns - old_values, rmask, dist)[2] / moments(returns, rmask, dist)[2]).item(),
@@ -470,7 +475,8 @@ def main(args: Args):
             "mem/peak_gb": salsa.peak_memory_gb(dist.device),
         }
         if dist.world > 1:  # means of the ranks' values (exact for per-sequence means: equal rows per rank)
-            names = [k for k in metrics if k not in ("step", "prompt_width", "val/explained_var")]  # the width: rank 0's
+            # the width: rank 0's; token means and explained variance: over every rank's tokens already
+            names = [k for k in metrics if k not in ("step", "prompt_width", "val/explained_var", *token_means)]
             means = salsa.all_sum(torch.tensor([metrics[k] for k in names], dtype=torch.float64, device=dist.device), dist)
             metrics |= dict(zip(names, (means / dist.world).tolist()))
             seq_kl = metrics["objective/kl"]  # the KL controller must see the same KL on every rank

@@ -60,12 +60,15 @@ def worker(model_path: str, out: str):
 
 
 def fixed_rollout(model, prompt, prompt_mask, gen_cfg, synced):
-    """ppo.rollout's contract, with a response of 3-6 tokens and EOS that depends on its prompt alone:
-    the same rows whichever rank samples them, and however the batch is split."""
+    """ppo.rollout's contract, with a response and EOS that depend on its prompt alone: the same rows whichever
+    rank samples them, and however the batch is split. A prompt whose length is 3 mod 4 gets 9 tokens, others 1:
+    of 4 prompts one token apart, however they are split, one rank holds 12 response tokens and the other 4, so
+    a token mean over the batch is not the mean of the ranks' token means."""
     P, rows = prompt.shape[1], []
     for ids in (prompt[i][prompt_mask[i] > 0].tolist() for i in range(prompt.shape[0])):
         key = sum(ids) % 997
-        rows.append([(key * (t + 7)) % 500 + 10 for t in range(3 + key % 4)] + [gen_cfg.eos_token_id])
+        n = 9 if len(ids) % 4 == 3 else 1
+        rows.append([(key * (t + 7)) % 500 + 10 for t in range(n)] + [gen_cfg.eos_token_id])
     resp, _ = salsa.pad(rows, gen_cfg.pad_token_id, left=False, device=prompt.device)  # (B, R)
     resp_mask, has_eos = ppo.response_mask(resp, gen_cfg.eos_token_id)
     return torch.cat([prompt, resp], 1), torch.cat([prompt_mask, resp_mask], 1), resp_mask, has_eos
