@@ -776,9 +776,12 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
 def load_trainer_state(path: str, dist: Dist = Dist()) -> dict:
     """trainer_state.pt of a checkpoint; its Sharded entry (FSDP) comes back pointing at the shards."""
     state = torch.load(Path(path, "trainer_state.pt"), map_location="cpu", weights_only=False, mmap=True)
-    if any(isinstance(v, Sharded) for v in state.values()) != (dist.sharded):
-        raise ValueError(f"{path}: written {'by one process' if dist.sharded else 'sharded, under torchrun'}: "
-                         "resume it the same way, with the same number of ranks")
+    sharded, world = any(isinstance(v, Sharded) for v in state.values()), state.get("world", dist.world)
+    if sharded != dist.sharded or world != dist.world:  # shards and generators are per rank
+        how = lambda sharded, world: f"under torchrun at world size {world}" if sharded else "by one process"
+        e = InputError(f"{path}: written {how(sharded, world)}: resume it the same way (now {how(dist.sharded, dist.world)})")
+        e.every_rank = True  # each rank read the same file
+        raise e
     return {k: Sharded(path) if isinstance(v, Sharded) else v for k, v in state.items()}
 
 
@@ -810,7 +813,7 @@ def restore(start: str | None, state: dict | None, model, opt, sched, log: str, 
 def trainer_state(model, opt, sched, step: int, dist: Dist = Dist(), **extra) -> dict:
     """What `restore` reads back (a collective under FSDP), plus the trainer's own `extra` entries."""
     return {"optimizer": optimizer_state(model, opt, dist), "scheduler": sched.state_dict(), "step": step,
-            "rng": rng_state(dist), **extra}
+            "rng": rng_state(dist), "world": dist.world, **extra}
 
 
 def prepare_out(out: str, resume: bool) -> str:

@@ -344,6 +344,23 @@ def test_a_stage_ends_its_process_group(monkeypatch):
 
 
 # ---------------------------------------------------------------- chat data
+def test_resume_needs_the_world_it_was_written_by(tmp_path):
+    """Shards and generators are per rank: a checkpoint resumes only as it was written, else one line says how."""
+    for name, state in (("one", {"step": 1}), ("two", {"step": 1, "world": 2, "optimizer": salsa.Sharded("x")})):
+        (tmp_path / name).mkdir()
+        torch.save(state, tmp_path / name / "trainer_state.pt")
+    assert salsa.load_trainer_state(str(tmp_path / "one"))["step"] == 1  # older states have no world: one process
+    for name, dist, message in (
+            ("one", salsa.Dist(world=2, sharded=True), "written by one process: resume it the same way "
+                                                       "\\(now under torchrun at world size 2\\)"),
+            ("two", salsa.Dist(), "at world size 2: resume it the same way \\(now by one process\\)"),
+            ("two", salsa.Dist(world=4, sharded=True), "at world size 2: .* \\(now under torchrun at world size 4\\)")):
+        with pytest.raises(salsa.InputError, match=message) as e:
+            salsa.load_trainer_state(str(tmp_path / name), dist)
+        assert e.value.every_rank  # every rank read the same file: all stop together
+    assert salsa.load_trainer_state(str(tmp_path / "two"), salsa.Dist(world=2, sharded=True))["step"] == 1
+
+
 def test_ranks_clean_the_same_stale_save_at_once(tmp_path):
     """Every rank runs prepare_out; two deleting one crashed save's folder at once must both go on."""
     ckpt = tmp_path / "sft.ckpt"
