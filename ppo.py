@@ -245,7 +245,7 @@ def rollout(model, prompt, prompt_mask, gen_cfg, synced: bool):
     return seq, torch.cat([prompt_mask, resp_mask], 1), resp_mask, has_eos
 
 
-def load_prompts(args, tok) -> list[tuple[list[int], str | list]]:
+def load_prompts(args, tok, dist=salsa.Dist()) -> list[tuple[list[int], str | list]]:
     """(token ids, prompt) of rows with `prompt` (UltraFeedback) or `messages` (UltraChat, up to the last
     user turn); the prompt as the row gives it is what a gold judge reads."""
     every = []
@@ -260,8 +260,8 @@ def load_prompts(args, tok) -> list[tuple[list[int], str | list]]:
             every.append((where, salsa.prompt_ids(tok, msgs[: last_user + 1], where), msgs[: last_user + 1]))
     prompts = [(ids, raw) for _, ids, raw in every if len(ids) <= args.max_prompt_len]
     if long := [where for where, ids, _ in every if len(ids) > args.max_prompt_len]:
-        print(f"{args.data}: dropped {len(long)} prompts longer than --max-prompt-len {args.max_prompt_len}: "
-              f"{salsa.rows_note(long)}")
+        salsa.log0(dist, f"{args.data}: dropped {len(long)} prompts longer than --max-prompt-len "
+                         f"{args.max_prompt_len}: {salsa.rows_note(long)}")
     if len(prompts) < args.batch_size:
         raise salsa.InputError(f"{args.data}: {len(prompts)} usable prompts, fewer than --batch-size {args.batch_size}")
     return prompts
@@ -346,7 +346,7 @@ def main(args: Args):
     ckpt_dir = salsa.prepare_out(args.out, args.resume)
     log = f"{ckpt_dir}/metrics.jsonl"
     tok = salsa.load_tokenizer(args.model)
-    prompts = load_prompts(args, tok)
+    prompts = load_prompts(args, tok, dist)
     local_batch = args.batch_size // dist.world  # derived sizes, checked to divide evenly
     mb_rows = local_batch // args.minibatches  # rows of one minibatch on this rank
     if args.batch_size % dist.world or local_batch % args.minibatches or mb_rows % min(args.micro_batch, mb_rows):

@@ -805,7 +805,8 @@ def restore(start: str | None, state: dict | None, model, opt, sched, log: str, 
     sched.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"], dist)
     if dist.main:
-        truncate_log(log, state["step"])
+        for path in (log, Path(log).with_name("samples.jsonl")):  # PPO's samples too: the steps after are redone
+            truncate_log(path, state["step"])
     log0(dist, f"resuming from {start} at step {state['step']}")
     return state["step"]
 
@@ -825,10 +826,13 @@ def prepare_out(out: str, resume: bool) -> str:
     ckpt = f"{out}.ckpt"
     if not resume and latest_checkpoint(ckpt):
         raise InputError(f"{ckpt} holds checkpoints of an earlier run: pass --resume or delete it")
-    for stale in Path(ckpt).glob(".*.tmp*"):  # half-written saves of a crashed run; under torchrun every rank
-        shutil.rmtree(stale, ignore_errors=True)  # deletes them at once, and a file another rank took is no error
-    if not (resume and latest_checkpoint(ckpt)):  # a fresh start: no metrics of a run that died before a checkpoint
-        Path(ckpt, "metrics.jsonl").unlink(missing_ok=True)
+    # half-written saves of a killed run: checkpoints, and the final model's temp dir (save_atomic). Under
+    # torchrun every rank deletes them at once, and a file another rank took is no error
+    for stale in [*Path(ckpt).glob(".*.tmp*"), *Path(out).parent.glob(f".{Path(out).name}.tmp*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    if not (resume and latest_checkpoint(ckpt)):  # a fresh start: no log of a run that died before a checkpoint
+        for log in ("metrics.jsonl", "samples.jsonl"):
+            Path(ckpt, log).unlink(missing_ok=True)
     return ckpt
 
 
@@ -866,8 +870,9 @@ def log_jsonl(path: str, row: dict):
 
 
 def truncate_log(path: str, step: int):
-    """On resume: drop the metrics rows an interrupted run logged past its checkpoint (they are redone)."""
-    Path(path).write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r["step"] <= step))
+    """On resume: drop the rows an interrupted run logged past its checkpoint (they are redone)."""
+    if Path(path).exists():
+        Path(path).write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r["step"] <= step))
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -214,13 +214,14 @@ def test_frozen_models_in_bf16(setup, tok):
 
 def test_resume_after_kill_gives_identical_metrics(setup):
     d = setup["dir"]
-    extra = ("--ref", "soup", "--soup-models", setup["a"], setup["b"], "--steps", 6)
+    extra = ("--ref", "soup", "--soup-models", setup["a"], setup["b"], "--steps", 6, "--sample-every", 1)
     run("ppo.py", *ppo_args(setup, d / "full", *extra))
     cut = ppo_args(setup, d / "cut", *extra)
     proc = subprocess.Popen([sys.executable, str(ROOT / "ppo.py"), *map(str, cut)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while not list((d / "cut.ckpt").glob("step-*/trainer_state.pt")) and time.time() < deadline:
+    log = d / "cut.ckpt" / "metrics.jsonl"  # killed a step past its checkpoint at step 2: that step is redone
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3) and time.time() < deadline:
         time.sleep(0.05)
     proc.kill()
     proc.wait()
@@ -233,6 +234,8 @@ def test_resume_after_kill_gives_identical_metrics(setup):
     cut_rows = strip(salsa.read_jsonl(d / "cut.ckpt" / "metrics.jsonl"))  # steps redone after the kill: once
     assert sorted(full_rows) == [r["step"] for r in cut_rows] == list(range(1, 7))
     assert all(r == full_rows[r["step"]] for r in cut_rows)  # every logged number identical
+    samples = [salsa.read_jsonl(d / f"{n}.ckpt" / "samples.jsonl") for n in ("full", "cut")]
+    assert samples[0] == samples[1] and [r["step"] for r in samples[0]] == [s for s in range(1, 7) for _ in range(4)]
     wa, wb = (AutoModelForCausalLM.from_pretrained(d / n).state_dict() for n in ("full", "cut"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 

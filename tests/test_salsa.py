@@ -6,6 +6,7 @@ or a slow, obviously-correct reference (tier c).
 import json
 import math
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -225,6 +226,17 @@ def test_prepare_out(tmp_path, model, tok):
         salsa.prepare_out(str(out), resume=False)
     assert salsa.prepare_out(str(out), resume=True) == ckpt
     assert steps(ckpt) == ["step-00000003"]  # resuming touches nothing
+
+    # a killed run's leftovers: a half-written checkpoint, the final model's temp dir, its logs (no checkpoint)
+    shutil.rmtree(ckpt)
+    for d in (Path(ckpt, ".step-00000002.tmp"), tmp_path / ".sft.tmp4242"):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"half")
+    for log in ("metrics.jsonl", "samples.jsonl"):
+        Path(ckpt, log).write_text('{"step": 1}\n')
+    (tmp_path / ".other.tmp1").mkdir()  # another run's: not ours to delete
+    assert salsa.prepare_out(str(out), resume=True) == ckpt
+    assert list(Path(ckpt).iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp1", "sft.ckpt"]
 
     done = tmp_path / "done"
     done.mkdir()
