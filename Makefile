@@ -97,6 +97,8 @@ bench-soup: setup
 # under transformers 5.17 on 2026-12-03, from a tree holding only what this call carries). Carry the tokenizer's
 # files, not the 540 MB model: models/SmolLM2-135M-Instruct/ + tokenizer.json, tokenizer_config.json,
 # chat_template.jinja, config.json, generation_config.json. Command:
-#   PYTHONUNBUFFERED=1 timeout 540 python3 tests/gpu_check.py --out /tmp/gc 2>&1 | tee $OUT/log; cp /tmp/gc/report.* $OUT/
+#   PYTHONUNBUFFERED=1 timeout 540 python3 tests/gpu_check.py --require-cuda --budget 450 --out /tmp/gc 2>&1 | tee $OUT/log;
+#   cp -r /tmp/gc/report.* /tmp/gc/logs $OUT/
+# (the reports are rewritten after every stage, so a stage killed at the deadline leaves the others' numbers)
 gpu-check: setup
 	$(PY) tests/gpu_check.py --out runs/gpu-check-$$(date +%Y%m%d-%H%M%S)

@@ -10,21 +10,31 @@ random-init Llama-shaped models of real shapes built from a config (the SmolLM2 
 models/):
 - probe: a bf16 matmul's rate, the measured peak that MFU is also quoted against;
 - SFT: sft.py steps of a ~1.1B model (TinyLlama's shape) at 2048 tokens in bf16: tokens/s, MFU
-  (6·N·tokens, N the matmul weights), peak memory;
+  ((6·N + 12·L·d·T)·tokens, PaLM's count: N the matmul weights, the second term attention's scores and
+  values over T tokens, not halved for the causal mask), peak memory. The LM head's logits are an fp32
+  matmul (log-probs in fp32, salsa.token_logprobs), 9% of N but a larger share of the time;
 - PPO: ppo.py steps at App. A.3's batch of 8 with 512 new tokens on that shape, fp32 policy and bf16
   policy: rollout tokens/s and share of the step, scoring and training time, peak memory; beside
   them a plain bf16 forward and backward of the same tokens, to show where the time goes;
 - memory plan: the PPO peak at two sizes against the per-GPU formula at world size 1 (16 B/param each
   for the policy and its critic, ppo.py's default --critic reward; 2 B/param for each bf16 frozen
-  model), and the line through both extrapolated to 7B.
-- the FSDP2 path: torchrun with one rank shards every model (on CUDA, bf16 compute over fp32 master
-  weights), generates with the policy gathered, writes a sharded checkpoint and resumes from it.
+  model), and the line through both extrapolated to 7B. GiB (2**30 bytes) throughout, of memory
+  allocated by tensors (torch.cuda.max_memory_allocated): the allocator's reserve and the CUDA context
+  come on top;
+- the FSDP2 path, on the smaller shape: torchrun with one rank shards every model (on CUDA, bf16 compute
+  over fp32 master weights), generates with the policy gathered, writes a sharded checkpoint and resumes.
+
+The device gives it one try. So each stage's output goes to OUT/logs/STAGE.log, the reports are
+rewritten after every stage, a failed stage is recorded and the next one runs, the whole check has a
+deadline (--budget) that each stage's timeout counts down to, and each stage's models and checkpoints
+are deleted once its numbers are read (at 1.1B they would fill the device's 64 GiB disk).
 """
 import argparse
 import importlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,13 +50,14 @@ import salsa  # noqa: E402
 # (hidden, intermediate, layers, heads, kv heads) of the random-init Llama models
 SHAPES = {"1.1b": (2048, 5632, 22, 32, 4), "0.5b": (1536, 4096, 16, 24, 4),
           "tiny": (64, 128, 2, 4, 2), "tiny2": (96, 192, 3, 4, 2)}
-DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s of the SXM parts
+# dense bf16 FLOP/s of the SXM parts, by torch.cuda.get_device_name(); other parts (PCIe, NVL) differ: none
+DATASHEET_BF16 = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12}
 TOKENIZER = ROOT / "models" / "SmolLM2-135M-Instruct"
 
 
-def build(path: Path, shape: str, tok, device) -> int:
+def build(path: Path, shape: str, tok, device) -> tuple[int, int, int]:
     """A random-init causal LM and a reward model of one shape, saved as HF directories; returns the
-    number of matmul weights (all parameters but the input embedding)."""
+    LM's matmul weights (all parameters but the input embedding), the LM's parameters, the reward model's."""
     from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
     d, f, layers, heads, kv = SHAPES[shape]
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=d, intermediate_size=f, num_hidden_layers=layers,
@@ -60,17 +71,24 @@ def build(path: Path, shape: str, tok, device) -> int:
     for model, name in ((lm, "lm"), (rm, "rm")):
         model.to("cpu").save_pretrained(path / name)
         tok.save_pretrained(path / name)
-    return sum(p.numel() for n, p in lm.named_parameters() if "embed_tokens" not in n)
+    if device.type == "cuda":  # this process holds no model from here on: give the stages its cache
+        torch.cuda.empty_cache()
+    count = lambda model, skip="-": sum(p.numel() for n, p in model.named_parameters() if skip not in n)
+    return count(lm, "embed_tokens"), count(lm), count(rm)
 
 
-def script(name: str, *flags, ranks: int = 0) -> list[dict]:
+def script(name: str, *flags, ranks: int = 0, logs: Path | None = None, timeout: float = 600) -> list[dict]:
     """Run a stage script to the end and return its metrics.jsonl rows (OUT is the flag after --out);
     ranks > 0: under torchrun with that many processes (FSDP2, also at 1). Without CUDA a stage runs
     in this process instead (its `main` on the same flags; ranks 1: with the variables torchrun would
     set): on tiny models a subprocess's imports are most of its time, and the CPU path must stay well
-    under a minute. On a GPU each stage has a process of its own, so each peak memory is its own."""
+    under a minute. On a GPU each stage has a process of its own, so each peak memory is its own; its output
+    goes to logs/OUT's name.log, and past `timeout` seconds it is stopped, torchrun's workers too (they would
+    hold the GPU)."""
     argv = list(map(str, flags))
     out = argv[argv.index("--out") + 1]
+    if timeout <= 0:
+        raise RuntimeError(f"{name} not started: the check's deadline (--budget) has passed")
     if not torch.cuda.is_available() and ranks <= 1:
         module = importlib.import_module(name.removesuffix(".py"))
         env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
@@ -87,11 +105,31 @@ def script(name: str, *flags, ranks: int = 0) -> list[dict]:
         return salsa.read_jsonl(f"{out}.ckpt/metrics.jsonl")
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks else []
     cmd = [sys.executable, *launch, str(ROOT / name), *argv]
-    print("$", " ".join(cmd), flush=True)
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)  # a hung rank ends the check
-    if res.returncode:
-        raise SystemExit(f"{name} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+    log = logs / f"{Path(out).name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("$", " ".join(cmd), ">", log, flush=True)
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:  # a hung rank, or the deadline: the check goes on without this stage
+            os.killpg(proc.pid, signal.SIGTERM)  # torchrun's workers are in sessions of their own: on SIGTERM it
+            try:  # stops them itself
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            raise RuntimeError(f"{name} ran past its {timeout:.0f} s (the check's deadline); see {log}") from None
+    if code:
+        raise RuntimeError(f"{name} failed with exit code {code}:\n" + log.read_text()[-3000:])
     return salsa.read_jsonl(f"{out}.ckpt/metrics.jsonl")
+
+
+def drop(*dirs: Path):
+    """Delete a finished stage's outputs (a model, a checkpoint): its numbers are read, and the disk is small."""
+    for d in dirs:
+        for path in (d, Path(f"{d}.ckpt")):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -137,23 +175,52 @@ def plain_step(path: Path, rows: int, tokens: int, device) -> float:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/gpu-check", help="report folder (must not exist)")
-    out = Path(p.parse_args().out)
+    p.add_argument("--budget", type=float, default=450, help="seconds for the whole check: a stage still "
+                   "running at the deadline is killed and recorded, the reports keep what was measured")
+    p.add_argument("--require-cuda", action="store_true", help="stop if there is no CUDA device (the device "
+                   "call: a CPU fallback there would write a CPU report under a GPU check's name)")
+    a = p.parse_args()
+    out = Path(a.out)
     if out.exists():
         raise SystemExit(f"{out} exists: give another --out")
     gpu = torch.cuda.is_available()
+    if a.require_cuda and not gpu:
+        raise SystemExit(f"--require-cuda: torch {torch.__version__} sees no CUDA device")
     device = torch.device("cuda" if gpu else "cpu")
     big, small = ("1.1b", "0.5b") if gpu else ("tiny2", "tiny")
     seq_len, new_tokens, prompt_words = (2048, 512, 200) if gpu else (64, 16, 12)
     tok = salsa.load_tokenizer(str(TOKENIZER))
-    work = out / "work"
+    work, logs = out / "work", out / "logs"
     name = torch.cuda.get_device_name() if gpu else "CPU"
-    rep = {"date": time.strftime("%Y-%m-%d"), "device": name, "torch": torch.__version__,
-           "transformers": __import__("transformers").__version__, "shapes": {big: SHAPES[big], small: SHAPES[small]}}
     start = time.time()
-    rep["probe_bf16_flops"] = matmul_rate(device, 8192 if gpu else 256)
-    peak = next((v for k, v in DATASHEET_BF16.items() if k in name), None)
-    n_big, n_small = build(work / big, big, tok, device), build(work / small, small, tok, device)
-    rep["params"] = {big: n_big, small: n_small}
+    left = lambda: a.budget - (time.time() - start)
+    rep = {"date": time.strftime("%Y-%m-%d"), "device": name, "torch": torch.__version__,
+           "transformers": __import__("transformers").__version__, "shapes": {big: SHAPES[big], small: SHAPES[small]},
+           "errors": {}}
+    out.mkdir(parents=True)
+
+    def stage(key: str, measure, timed=True):
+        """rep[key] = measure(), or the error in rep["errors"][key]; the reports rewritten either way. A timed
+        stage is not started past the deadline."""
+        print(f"--- {key} ({left():.0f} s left)", flush=True)
+        try:
+            if timed and left() <= 0:
+                raise RuntimeError(f"{key} not started: the check's deadline (--budget) has passed")
+            rep[key] = measure()
+        except Exception as e:  # recorded, and the next stage runs: the device gives one try
+            rep["errors"][key] = f"{type(e).__name__}: {e}"[-3000:]
+            print(f"{key} failed: {rep['errors'][key]}", flush=True)
+        rep["seconds"] = time.time() - start
+        (out / "report.json").write_text(json.dumps(rep, indent=1))
+        (out / "report.md").write_text(report(rep, big, small, seq_len, new_tokens))
+
+    stage("free_disk_gib", lambda: shutil.disk_usage(out).free / 2**30, timed=False)
+    stage("probe_bf16_flops", lambda: matmul_rate(device, 8192 if gpu else 256), timed=False)
+    stage("params", lambda: {s: dict(zip(("matmul", "lm", "rm"), build(work / s, s, tok, device))) for s in (big, small)},
+          timed=False)  # what every later stage needs
+    if "params" in rep["errors"]:
+        raise SystemExit(f"no models to check: {rep['errors']['params']}")
+    peak = DATASHEET_BF16.get(name)
 
     # data: long chat rows for SFT (cut to --max-len), prompts of about prompt_words words for PPO
     g = torch.Generator().manual_seed(0)
@@ -163,90 +230,127 @@ def main():
     (work / "sft.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
     (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": words(prompt_words)}) + "\n" for _ in range(8)))
 
-    sft = script("sft.py", "--model", work / big / "lm", "--data", work / "sft.jsonl", "--eval-frac", 0.1,
-                 "--max-len", seq_len, "--batch-size", 8, "--micro-batch", 8, "--max-steps", 3, "--dtype", "bfloat16",
-                 "--eval-every", 0, "--save-every", 0, "--out", work / "sft")
-    tok_s = max(r["train/tokens_per_s"] for r in sft[1:])  # the first step warms up
-    rep["sft"] = {"tokens_per_s": tok_s, "peak_gb": sft[-1]["mem/peak_gb"],
-                  "mfu_probe": 6 * n_big * tok_s / rep["probe_bf16_flops"],
-                  "mfu_datasheet": 6 * n_big * tok_s / peak if peak else None}
+    def sft():
+        rows = script("sft.py", "--model", work / big / "lm", "--data", work / "sft.jsonl", "--eval-frac", 0.1,
+                      "--max-len", seq_len, "--batch-size", 8, "--micro-batch", 8, "--max-steps", 3, "--dtype",
+                      "bfloat16", "--eval-every", 0, "--save-every", 0, "--out", work / "sft", logs=logs, timeout=left())
+        drop(work / "sft")
+        tok_s = max(r["train/tokens_per_s"] for r in rows[1:])  # the first step warms up
+        d, _, layers, _, _ = SHAPES[big]
+        flops = (6 * rep["params"][big]["matmul"] + 12 * layers * d * seq_len) * tok_s  # PaLM's count, per second
+        return {"tokens_per_s": tok_s, "peak_gb": rows[-1]["mem/peak_gb"], "model_flops_per_s": flops,
+                "mfu_probe": flops / rep["probe_bf16_flops"] if "probe_bf16_flops" in rep else None,
+                "mfu_datasheet": flops / peak if peak else None}
+    stage("sft", sft)
 
     ppo_flags = ["--ref", "sft", "--data", work / "prompts.jsonl", "--batch-size", 8, "--max-new-tokens", new_tokens,
                  "--max-prompt-len", 4 * prompt_words, "--steps", 2, "--save-every", 1000, "--sample-every", 1000,
                  "--frozen-dtype", "bfloat16"]
-    rep["ppo"] = {}
-    for shape, dtype in ((big, "float32"), (big, "bfloat16"), (small, "float32")):
+
+    def ppo(shape, dtype):
+        run = work / f"ppo-{shape}-{dtype}"
         rows = script("ppo.py", *ppo_flags, "--model", work / shape / "lm", "--reward", work / shape / "rm",
-                      "--dtype", dtype, "--out", work / f"ppo-{shape}-{dtype}")
+                      "--dtype", dtype, "--out", run, logs=logs, timeout=left())
+        drop(run)
         m = rows[-1]  # the second step: the first one warms up
         step = m["time/rollout"] + m["time/score"] + m["time/train"]
-        rep["ppo"][f"{shape} {dtype}"] = {
-            "step_s": step, "rollout_s": m["time/rollout"], "score_s": m["time/score"], "train_s": m["time/train"],
-            "rollout_share": m["time/rollout"] / step, "response_len": m["objective/response_len"],
-            "rollout_tokens_per_s": 8 * m["objective/response_len"] / m["time/rollout"], "peak_gb": m["mem/peak_gb"],
-            "prompt_width": m["prompt_width"]}
-    # the FSDP2 path on one GPU: torchrun's one rank shards every model (bf16 compute over fp32 master weights
-    # on CUDA), generates with the policy gathered, writes a sharded checkpoint after step 1; a second run
-    # resumes from it (the checkpoint copied) and must log step 2 as the uninterrupted run did
-    fsdp = [*ppo_flags, "--model", work / big / "lm", "--reward", work / big / "rm", "--save-every", 1]
-    rows = script("ppo.py", *fsdp, "--out", work / "fsdp", ranks=1)
-    ckpt = Path(salsa.latest_checkpoint(f"{work / 'fsdp'}.ckpt"))
-    shutil.copytree(f"{work / 'fsdp'}.ckpt", work / "fsdp-resumed.ckpt")  # its log too: the resume cuts it at step 1
-    resumed = script("ppo.py", *fsdp, "--resume", "--out", work / "fsdp-resumed", ranks=1)
-    m = rows[-1]
-    rep["fsdp"] = {"step_s": m["time/rollout"] + m["time/score"] + m["time/train"], "rollout_s": m["time/rollout"],
-                   "score_s": m["time/score"], "train_s": m["time/train"], "peak_gb": m["mem/peak_gb"],
-                   "checkpoint": ckpt.name, "shard_files": sorted(f.name for f in ckpt.glob("*.distcp")),
-                   "resumed_steps": [r["step"] for r in resumed],
-                   "resume_max_abs_diff": max(abs(resumed[-1][k] - m[k]) for k in m if not k.startswith(("time/", "mem/")))}
-    width = rep["ppo"][f"{big} bfloat16"]["prompt_width"] + new_tokens
-    rep["plain_bf16_fwd_bwd_s"] = plain_step(work / big / "lm", 8, width, device)
+        return {"step_s": step, "rollout_s": m["time/rollout"], "score_s": m["time/score"], "train_s": m["time/train"],
+                "rollout_share": m["time/rollout"] / step, "response_len": m["objective/response_len"],
+                "rollout_tokens_per_s": 8 * m["objective/response_len"] / m["time/rollout"], "peak_gb": m["mem/peak_gb"],
+                "prompt_width": m["prompt_width"]}
+    for shape, dtype in ((big, "float32"), (big, "bfloat16"), (small, "float32")):
+        stage(f"ppo {shape} {dtype}", lambda: ppo(shape, dtype))
+    rep["ppo"] = {k.removeprefix("ppo "): rep.pop(k) for k in list(rep) if k.startswith("ppo ")}
 
-    # the memory plan at world size 1: 2 x 16 B/param (policy and critic: fp32 weights, gradients, Adam m, v)
-    # + 2 x 2 B/param (bf16 frozen reference and reward model)
-    plan = {}
-    for shape, n in ((big, n_big), (small, n_small)):
-        total = n + SHAPES[shape][0] * len(tok)  # the input embedding is held too
-        plan[shape] = {"params": total, "formula_gb": 36 * total / 2**30,
-                       "measured_gb": rep["ppo"][f"{shape} float32"]["peak_gb"]}
-    slope = (plan[big]["measured_gb"] - plan[small]["measured_gb"]) / (plan[big]["params"] - plan[small]["params"])
-    plan["7.24b_line_gb"] = plan[big]["measured_gb"] + slope * (7.24e9 - plan[big]["params"])
-    plan["7.24b_formula_gb"] = 36 * 7.24e9 / 2**30
-    rep["memory_plan"] = plan
-    rep["seconds"] = time.time() - start
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(rep, indent=1))
-    (out / "report.md").write_text(report(rep, big, small, seq_len, new_tokens))
+    # the FSDP2 path on one GPU, on the smaller shape (its sharded checkpoint holds weights and both Adam moments
+    # of policy and critic, 12 B/param): torchrun's one rank shards every model (bf16 compute over fp32 master
+    # weights on CUDA), generates with the policy gathered, writes a sharded checkpoint after step 1; a second run
+    # resumes from it (the checkpoint hard-linked) and must log step 2 as the uninterrupted run did
+    def fsdp():
+        flags = [*ppo_flags, "--model", work / small / "lm", "--reward", work / small / "rm", "--save-every", 1]
+        rows = script("ppo.py", *flags, "--out", work / "fsdp", ranks=1, logs=logs, timeout=left())
+        ckpt = Path(salsa.latest_checkpoint(f"{work / 'fsdp'}.ckpt"))
+        shards = sorted(f.name for f in ckpt.glob("*.distcp"))
+        # its log too: the resume cuts it at step 1
+        shutil.copytree(f"{work / 'fsdp'}.ckpt", work / "fsdp-resumed.ckpt", copy_function=os.link)
+        resumed = script("ppo.py", *flags, "--resume", "--out", work / "fsdp-resumed", ranks=1, logs=logs,
+                         timeout=left())
+        drop(work / "fsdp", work / "fsdp-resumed")
+        m = rows[-1]
+        return {"model": small, "step_s": m["time/rollout"] + m["time/score"] + m["time/train"],
+                "rollout_s": m["time/rollout"], "score_s": m["time/score"], "train_s": m["time/train"],
+                "peak_gb": m["mem/peak_gb"], "checkpoint": ckpt.name, "shard_files": shards,
+                "resumed_steps": [r["step"] for r in resumed],
+                "resume_max_abs_diff": max(abs(resumed[-1][k] - m[k]) for k in m if not k.startswith(("time/", "mem/")))}
+    stage("fsdp", fsdp)
+    width = rep["ppo"].get(f"{big} bfloat16", {}).get("prompt_width", 4 * prompt_words) + new_tokens
+    stage("plain_bf16_fwd_bwd_s", lambda: plain_step(work / big / "lm", 8, width, device))
+
+    # the memory plan at world size 1: 16 B/param for the policy and for its critic (fp32 weights, gradients,
+    # Adam m, v) + 2 B/param each for the bf16 frozen reference (the policy's shape) and reward model (the critic's)
+    def plan():
+        plan = {}
+        for shape in (big, small):
+            n_lm, n_rm = rep["params"][shape]["lm"], rep["params"][shape]["rm"]
+            plan[shape] = {"params": n_lm + n_rm, "formula_gb": 18 * (n_lm + n_rm) / 2**30,
+                           "measured_gb": rep["ppo"][f"{shape} float32"]["peak_gb"]}
+        slope = (plan[big]["measured_gb"] - plan[small]["measured_gb"]) / (plan[big]["params"] - plan[small]["params"])
+        plan["7.24b_line_gb"] = plan[big]["measured_gb"] + slope * (2 * 7.24e9 - plan[big]["params"])
+        plan["7.24b_formula_gb"] = 18 * 2 * 7.24e9 / 2**30  # a 7.24B policy and a critic of its size
+        return plan
+    stage("memory_plan", plan, timed=False)  # arithmetic on what was measured
+    shutil.rmtree(work, ignore_errors=True)
     print((out / "report.md").read_text())
+    if rep["errors"]:
+        raise SystemExit(f"{len(rep['errors'])} stage(s) failed: {', '.join(rep['errors'])} (see {out}/report.md)")
 
 
 def report(r: dict, big: str, small: str, seq_len: int, new_tokens: int) -> str:
+    """report.md from what has been measured so far: a section whose stage failed or has not run says so."""
     f = lambda x: "-" if x is None else f"{x:.3g}"
     lines = [f"# GPU check, {r['date']}: {r['device']}, torch {r['torch']}, transformers {r['transformers']}", "",
-             f"Measured by `make gpu-check` in {r['seconds']:.0f} s. bf16 matmul probe: {r['probe_bf16_flops'] / 1e12:.1f} "
-             f"TFLOP/s.", "", f"## SFT: sft.py, {big} ({r['params'][big] / 1e9:.2f}B matmul weights), bf16, "
-             f"8 x {seq_len} tokens", "",
-             f"- {r['sft']['tokens_per_s']:.0f} tokens/s; MFU {f(r['sft']['mfu_probe'])} of the probe, "
-             f"{f(r['sft']['mfu_datasheet'])} of the datasheet's bf16 peak; peak memory {r['sft']['peak_gb']:.1f} GB", "",
-             f"## PPO: ppo.py, batch 8, {new_tokens} new tokens, 2 epochs, frozen models in bf16 (the second step)", "",
-             "| policy | step (s) | rollout (s) | share | rollout tokens/s | scoring (s) | training (s) | peak GB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {k} | {v['step_s']:.2f} | {v['rollout_s']:.2f} | {v['rollout_share']:.2f} | {v['rollout_tokens_per_s']:.0f} | "
-              f"{v['score_s']:.2f} | {v['train_s']:.2f} | {v['peak_gb']:.1f} |" for k, v in r["ppo"].items()]
-    p = r["memory_plan"]
-    z = r["fsdp"]
-    how = "torchrun --nproc_per_node 1" if r["device"] != "CPU" else "world size 1 in the check's own process"
-    lines += ["", f"FSDP2 on one rank ({how}, the fp32 policy): step {z['step_s']:.2f} s = rollout "
-              f"{z['rollout_s']:.2f} + scoring {z['score_s']:.2f} + training {z['train_s']:.2f}; peak {z['peak_gb']:.1f} GB; "
-              f"sharded checkpoint {z['checkpoint']} ({', '.join(z['shard_files'])}); resumed, it logged steps "
-              f"{z['resumed_steps']}, its step 2 off the uninterrupted run's by at most {z['resume_max_abs_diff']:.3g}."]
-    lines += ["", f"A plain bf16 forward and backward of the same 8 rows: {r['plain_bf16_fwd_bwd_s']:.3f} s (PPO trains "
-              "2 epochs of 8 one-row micro-batches, plus its critic and fp32 log-probs).", "",
-              "## Memory plan at world size 1 (fp32 policy and critic 16 B/param each, two bf16 frozen models 2 B/param each)", "",
-              "| model | parameters | formula (GB) | measured peak (GB) |", "|---|---:|---:|---:|"]
-    lines += [f"| {s} | {p[s]['params'] / 1e9:.2f}B | {p[s]['formula_gb']:.1f} | {p[s]['measured_gb']:.1f} |" for s in (small, big)]
-    lines += ["", f"At 7.24B on one GPU: the formula says {p['7.24b_formula_gb']:.0f} GB held; the line through the two "
-              f"measured peaks says {p['7.24b_line_gb']:.0f} GB. Under FSDP on 8 GPUs the held part divides by 8.", ""]
+             f"Measured by `make gpu-check` in {r['seconds']:.0f} s"
+             + (f"; bf16 matmul probe {r['probe_bf16_flops'] / 1e12:.1f} TFLOP/s" if "probe_bf16_flops" in r else "")
+             + (f"; {r['free_disk_gib']:.0f} GiB free on disk at the start" if "free_disk_gib" in r else "")
+             + ". Memory in GiB (2**30 bytes) allocated by tensors; the allocator's reserve and the CUDA context "
+             "come on top.", ""]
+    lines += [f"- **{k} failed**: {v.splitlines()[0][:300]}" for k, v in r["errors"].items()] + [""] * bool(r["errors"])
+    if "sft" in r:
+        n = r["params"][big]["matmul"]
+        lines += [f"## SFT: sft.py, {big} ({n / 1e9:.2f}B matmul weights), bf16, 8 x {seq_len} tokens", "",
+                  f"- {r['sft']['tokens_per_s']:.0f} tokens/s; MFU {f(r['sft']['mfu_probe'])} of the probe, "
+                  f"{f(r['sft']['mfu_datasheet'])} of the datasheet's dense bf16 peak (PaLM's count: 6N + 12·L·d·T "
+                  f"FLOPs per token); peak memory {r['sft']['peak_gb']:.1f} GiB. The LM head's logits are an fp32 "
+                  "matmul (fp32 log-probs), 9% of N but more of the time.", ""]
+    if r.get("ppo"):
+        lines += [f"## PPO: ppo.py, batch 8, {new_tokens} new tokens, 2 epochs, frozen models in bf16 (the second step)",
+                  "", "| policy | step (s) | rollout (s) | share | rollout tokens/s | scoring (s) | training (s) | peak GiB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {k} | {v['step_s']:.2f} | {v['rollout_s']:.2f} | {v['rollout_share']:.2f} | "
+                  f"{v['rollout_tokens_per_s']:.0f} | {v['score_s']:.2f} | {v['train_s']:.2f} | {v['peak_gb']:.1f} |"
+                  for k, v in r["ppo"].items()]
+        lines += [""]
+    if "fsdp" in r:
+        z = r["fsdp"]
+        how = "torchrun --nproc_per_node 1" if r["device"] != "CPU" else "world size 1 in the check's own process"
+        lines += [f"FSDP2 on one rank ({how}, the fp32 policy, {z['model']}): step {z['step_s']:.2f} s = rollout "
+                  f"{z['rollout_s']:.2f} + scoring {z['score_s']:.2f} + training {z['train_s']:.2f}; peak "
+                  f"{z['peak_gb']:.1f} GiB; sharded checkpoint {z['checkpoint']} ({', '.join(z['shard_files'])}); "
+                  f"resumed, it logged steps {z['resumed_steps']}, its step 2 off the uninterrupted run's by at most "
+                  f"{z['resume_max_abs_diff']:.3g}.", ""]
+    if "plain_bf16_fwd_bwd_s" in r:
+        lines += [f"A plain bf16 forward and backward of the same 8 rows on {big}: {r['plain_bf16_fwd_bwd_s']:.3f} s (PPO "
+                  "trains 2 epochs of 8 one-row micro-batches, plus its critic and fp32 log-probs).", ""]
+    if "memory_plan" in r:
+        p = r["memory_plan"]
+        lines += ["## Memory plan at world size 1 (fp32 policy and critic 16 B/param each, their bf16 frozen "
+                  "reference and reward model 2 B/param each)", "",
+                  "| model | policy + critic parameters | formula (GiB) | measured peak (GiB) |", "|---|---:|---:|---:|"]
+        lines += [f"| {s} | {p[s]['params'] / 1e9:.2f}B | {p[s]['formula_gb']:.1f} | {p[s]['measured_gb']:.1f} |"
+                  for s in (small, big)]
+        lines += ["", f"At a 7.24B policy and critic on one GPU: the formula says {p['7.24b_formula_gb']:.0f} GiB held; "
+                  f"the line through the two measured peaks says {p['7.24b_line_gb']:.0f} GiB. Under FSDP on 8 GPUs "
+                  "the held part divides by 8.", ""]
     return "\n".join(lines)
 
 

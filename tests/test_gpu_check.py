@@ -3,6 +3,10 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
+
+import pytest
 
 from conftest import ROOT
 
@@ -27,3 +31,32 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     again = subprocess.run([sys.executable, str(ROOT / "tests" / "gpu_check.py"), "--out", str(out)], cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and "exists" in again.stderr  # nothing overwritten
+
+
+def test_past_the_deadline_stages_are_recorded_and_the_reports_kept(tmp_path):
+    """The device gives one try: with no time left every stage after the models' build is refused, each
+    refusal is in the reports, and the check exits non-zero."""
+    out = tmp_path / "gc"
+    res = subprocess.run([sys.executable, str(ROOT / "tests" / "gpu_check.py"), "--out", str(out), "--budget", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode != 0 and "stage(s) failed: sft, ppo tiny2 float32" in res.stderr
+    r = json.loads((out / "report.json").read_text())
+    assert r["probe_bf16_flops"] > 0 and r["params"]["tiny"]["lm"] > 0 and "sft" not in r and r["ppo"] == {}
+    assert r["errors"]["sft"] == "RuntimeError: sft not started: the check's deadline (--budget) has passed"
+    assert set(r["errors"]) == {"sft", "ppo tiny2 float32", "ppo tiny2 bfloat16", "ppo tiny float32", "fsdp",
+                                "plain_bf16_fwd_bwd_s", "memory_plan"}
+    assert "- **fsdp failed**: RuntimeError: fsdp not started" in (out / "report.md").read_text()
+    assert not (out / "work").exists()
+
+
+def test_a_stage_past_its_timeout_is_killed_with_its_workers(tmp_path):
+    """A hung stage under torchrun: the check kills its whole process group, the workers that hold the GPU too."""
+    import gpu_check
+    (tmp_path / "hang.py").write_text("import time\ntime.sleep(120)\n")  # two ranks that never finish
+    out = tmp_path / "hang"
+    with pytest.raises(RuntimeError, match=r"hang.py ran past its 8 s"):
+        gpu_check.script(str(tmp_path / "hang.py"), "--out", out, ranks=2, logs=tmp_path / "logs", timeout=8)
+    time.sleep(0.5)
+    alive = [c for c in (Path(p, "cmdline") for p in Path("/proc").glob("[0-9]*")) if c.exists()
+             and str(out).encode() in c.read_bytes()]
+    assert alive == [] and (tmp_path / "logs" / "hang.log").exists()
