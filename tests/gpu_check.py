@@ -322,13 +322,14 @@ def report(r: dict, big: str, small: str, seq_len: int, new_tokens: int) -> str:
                   f"{f(r['sft']['mfu_datasheet'])} of the datasheet's dense bf16 peak (PaLM's count: 6N + 12·L·d·T "
                   f"FLOPs per token); peak memory {r['sft']['peak_gb']:.1f} GiB. The LM head's logits are an fp32 "
                   "matmul (fp32 log-probs), 9% of N but more of the time.", ""]
-    if r.get("ppo"):
+    ppo = r.get("ppo") or {k.removeprefix("ppo "): v for k, v in r.items() if k.startswith("ppo ")}  # as they come
+    if ppo:
         lines += [f"## PPO: ppo.py, batch 8, {new_tokens} new tokens, 2 epochs, frozen models in bf16 (the second step)",
                   "", "| policy | step (s) | rollout (s) | share | rollout tokens/s | scoring (s) | training (s) | peak GiB |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {k} | {v['step_s']:.2f} | {v['rollout_s']:.2f} | {v['rollout_share']:.2f} | "
                   f"{v['rollout_tokens_per_s']:.0f} | {v['score_s']:.2f} | {v['train_s']:.2f} | {v['peak_gb']:.1f} |"
-                  for k, v in r["ppo"].items()]
+                  for k, v in ppo.items()]
         lines += [""]
     if "fsdp" in r:
         z = r["fsdp"]
