@@ -258,6 +258,9 @@ def load_prompts(args, tok, dist=salsa.Dist()) -> list[tuple[list[int], str | li
             if last_user is None:
                 raise salsa.InputError(f"{where}: no `prompt`, and no user turn in `messages` to prompt with")
             every.append((where, salsa.prompt_ids(tok, msgs[: last_user + 1], where), msgs[: last_user + 1]))
+    special = salsa.rows_with_special_text(tok, [(w, [{"content": raw}] if isinstance(raw, str) else raw)
+                                               for w, _, raw in every], "prompts", dist)
+    every = [e for e in every if e[0] not in special]
     prompts = [(ids, raw) for _, ids, raw in every if len(ids) <= args.max_prompt_len]
     if long := [where for where, ids, _ in every if len(ids) > args.max_prompt_len]:
         salsa.log0(dist, f"{args.data}: dropped {len(long)} prompts longer than --max-prompt-len "

@@ -92,7 +92,9 @@ def load_pairs(tok, source: str, split: str, max_len: int, dist) -> list[tuple]:
                                                                             disable=not dist.main)]
     same = [where for where, p in pairs if p[1] == p[2]]  # no preference to learn: the loss is log 2, its gradient 0
     long = [where for where, p in pairs if max(len(p[1]), len(p[2])) > max_len]
-    dropped = set(same + long)  # once, not per row (a reviewer timed 15.6 s for that on 61k rows)
+    both = [(where, row["chosen"] + row["rejected"][-1:]) for where, row in rows]  # checked by tokenize_pair
+    special = salsa.rows_with_special_text(tok, both, "pairs", dist)
+    dropped = set(same + long) | special  # once, not per row (a reviewer timed 15.6 s for that on 61k rows)
     kept = [p for where, p in pairs if where not in dropped]
     salsa.log0(dist, f"{source}: {len(kept)} pairs")
     for why, wheres in ((f"a side longer than --max-len {max_len}", long), ("`chosen` equal to `rejected`", same)):

@@ -544,6 +544,19 @@ def check_messages(messages, where: str, answered: bool = True) -> list[dict]:
     return messages
 
 
+def rows_with_special_text(tok, rows: list[tuple[str, list[dict]]], what: str, dist: Dist) -> set[str]:
+    """The `where` of each of `rows` ((where, messages), checked) that writes a special token as text in a
+    message (a '<|im_end|>' or '</s>' in code): the tokenizer reads it as that control token, so an SFT target
+    ends there and a prompt opens a turn. The trainers drop these rows, counted and named like rows too long."""
+    specials = tok.all_special_tokens  # a property that builds its list on every call
+    bad = {where: t for where, msgs in rows
+           if (t := next((t for m in msgs for t in specials if t in m["content"]), None))}
+    if bad:
+        log0(dist, f"dropped {len(bad)} {what} that write a special token as text (e.g. {next(iter(bad.values()))!r}"
+                   f", which the tokenizer reads as a control token): {rows_note(list(bad))}")
+    return set(bad)
+
+
 def render(tok, messages: list[dict], add_generation_prompt=False) -> list[int]:
     """Token ids of the chat template's text, with exactly one BOS where the tokenizer adds one (Llama-2,
     Mistral, Gemma: their models never saw text without it) and none where it does not (SmolLM2). The

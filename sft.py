@@ -116,6 +116,8 @@ def main(args: Args):
     if ending := [where for where, m in train + held if m[-1]["role"] == "user"]:
         salsa.log0(dist, f"kept {len(ending)} conversations that end with a user turn (nothing after their last "
                          f"answer is learnt): {salsa.rows_note(ending)}")
+    special = salsa.rows_with_special_text(tok, train + held, "conversations", dist)
+    train, held = ([c for c in rows if c[0] not in special] for rows in (train, held))
     (train, dropped), (held, held_dropped) = (tokenize(tok, c, args.max_len, dist.main) for c in (train, held))
     salsa.log0(dist, f"{len(train)} train and {len(held)} held-out conversations")
     if dropped + held_dropped:

@@ -190,11 +190,14 @@ def test_bad_arguments_stop_before_any_output(setup, tmp_path):
 
 
 def test_long_prompts_are_dropped_and_named(setup, tok, tmp_path, capsys):
-    rows = [{"prompt": p} for p in PROMPTS] + [{"prompt": "word " * 300}, {"messages": [{"role": "user", "content": "Hi"}]}]
+    rows = [{"prompt": p} for p in PROMPTS] + [{"prompt": "word " * 300}, {"messages": [{"role": "user", "content": "Hi"}]},
+                                               {"messages": [{"role": "user", "content": "Hi<|im_end|>\n<|im_start|>x"}]}]
     data = write_jsonl(tmp_path / "prompts.jsonl", rows)
     args = salsa.parse_args(ppo.Args, ["--data", data, "--max-prompt-len", "64"])
     assert len(ppo.load_prompts(args, tok)) == 9
-    assert f"dropped 1 prompts longer than --max-prompt-len 64: {data} line 9" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"dropped 1 prompts longer than --max-prompt-len 64: {data} line 9" in out
+    assert f"dropped 1 prompts that write a special token as text (e.g. '<|im_start|>'" in out and f"{data} line 11" in out
 
 
 def test_frozen_models_in_bf16(setup, tok):

@@ -169,9 +169,15 @@ def test_pairs_without_a_preference_are_dropped_and_named(tok, tmp_path, capsys)
     same["rejected"] = same["chosen"]  # chosen == rejected: the loss is log 2 whatever the model, nothing to learn
     lines[2] = json.dumps(same)
     Path(data).write_text("\n".join(lines) + "\n")
+    special = json.loads(lines[4])
+    special["rejected"][-1]["content"] += " <|endoftext|> and more"  # read as a control token, not as text
+    lines[4] = json.dumps(special)
+    Path(data).write_text("\n".join(lines) + "\n")
     pairs = reward.load_pairs(tok, data, "train", 64, salsa.Dist())
-    assert len(pairs) == 5
-    assert f"pairs.jsonl: dropped 1 pairs with `chosen` equal to `rejected`: {data} line 3" in capsys.readouterr().out
+    assert len(pairs) == 4
+    out = capsys.readouterr().out
+    assert f"pairs.jsonl: dropped 1 pairs with `chosen` equal to `rejected`: {data} line 3" in out
+    assert f"dropped 1 pairs that write a special token as text (e.g. '<|endoftext|>'" in out and f"{data} line 5" in out
 
 
 @pytest.mark.parametrize("row, message", [

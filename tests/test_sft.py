@@ -115,10 +115,15 @@ def test_dropped_and_kept_rows_are_named(tiny, tmp_path, capsys):
     data = Path(write_chats(tmp_path / "chats.jsonl"))  # line 42 is too long for --max-len 64
     with open(data, "a") as fh:
         fh.write(json.dumps({"messages": TWO_TURNS + [{"role": "user", "content": "And?"}]}) + "\n")
+        # '<|im_end|>' written in an answer: tokenised as the end of turn, the rest of the answer never learnt
+        fh.write(json.dumps({"messages": [{"role": "user", "content": "Show the template."},
+                                          {"role": "assistant", "content": "It ends a turn with <|im_end|> then"}]}) + "\n")
     run_inline(tiny, str(data), tmp_path / "out")
     out = capsys.readouterr().out
     assert f"kept 1 conversations that end with a user turn (nothing after their last answer is learnt): {data} line 43" in out
     assert f"dropped 1 conversations whose first assistant token lies beyond --max-len 64: {data} line 42" in out
+    assert (f"dropped 1 conversations that write a special token as text (e.g. '<|im_end|>', which the tokenizer reads "
+            f"as a control token): {data} line 44") in out
 
 
 def test_seeds_change_only_the_order(tiny, tmp_path):
