@@ -36,7 +36,6 @@ Choices, and where we depart from the usual recipe:
   with tiny early gradients, 1e-8 turns Adam into sign descent and the first updates are large.
 """
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -391,14 +390,14 @@ def main(args: Args):
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed * 1000 + n_pass))
         rows = order[i + dist.rank * local_batch: i + (dist.rank + 1) * local_batch].tolist()
         prompt, prompt_mask = salsa.pad([prompts[r][0] for r in rows], tok.pad_token_id, device=dist.device)  # (B, P)
-        P, t0 = prompt.shape[1], time.time()
+        P, t0 = prompt.shape[1], salsa.clock(dist.device)
 
         # 1. Rollout: sample with the KV cache, then cut each response after its first EOS.
         seq, mask, resp_mask, has_eos = rollout(policy, prompt, prompt_mask, gen_cfg, dist.world > 1)
         if gold:  # the gold judge on the rollouts (offline it is free): a training curve becomes a frontier
             answers = tok.batch_decode(seq[:, P:], skip_special_tokens=True)
             gold_mean = sum(float(gold(prompts[r][1], y.strip())) for r, y in zip(rows, answers)) / len(rows)
-        t1 = time.time()
+        t1 = salsa.clock(dist.device)
 
         # Scoring and training run on the same micro-batches, so each row is computed identically in both.
         groups = micro_batches(prompt_mask, min(args.micro_batch, mb_rows))
@@ -428,7 +427,7 @@ def main(args: Args):
             # 5. GAE with γ, λ; returns = A + V; advantages whitened over the batch's response tokens.
             adv, returns = gae(rewards, old_values, rmask, args.gamma, args.lam)
             adv = whiten(adv, rmask, dist=dist)
-        t2 = time.time()
+        t2 = salsa.clock(dist.device)
 
         # 6. PPO epochs × minibatches × micro-batches; losses are token means over each minibatch.
         policy.train()
@@ -452,7 +451,7 @@ def main(args: Args):
                 torch.nn.utils.clip_grad_norm_(policy.value_model().parameters(), args.max_grad_norm)  # its own norm
                 opt.step()
                 sched.step()
-        t3 = time.time()
+        t3 = salsa.clock(dist.device)
 
         # 7. KL controller, on the sequence KL of this batch (nats), before logging it.
         seq_kl = (kl * rmask).sum(-1).mean().item()

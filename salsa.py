@@ -868,6 +868,14 @@ def set_rng_state(state, dist: Dist = Dist()):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def clock(device) -> float:
+    """Wall-clock seconds once `device` has run its queued work. CUDA runs kernels asynchronously: a timer read
+    without waiting charges a stage's kernels to whatever waits next (PPO's last backward to its log line)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
 def peak_memory_gb(device) -> float:
     """This process's peak memory so far, GB: the CUDA allocator's on a GPU, the resident set on a CPU."""
     if torch.device(device).type == "cuda":

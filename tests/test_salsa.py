@@ -623,3 +623,14 @@ def test_base_model_gets_the_papers_chat_format(tmp_path, tok):
     assert base.decode(ids) == f"<|user|>\nSay hi\n<|assistant|>\nHi there!{eos}\n<|user|>\nAgain\n<|assistant|>\nHello.{eos}\n"
     assert base.decode([t for t in labels if t != -100]) == f"Hi there!{eos}Hello.{eos}"
     assert base.decode(salsa.prompt_ids(base, "Hey")) == "<|user|>\nHey\n<|assistant|>\n"
+
+
+def test_the_clock_waits_for_a_gpus_queued_work(monkeypatch):
+    """PPO's stage timers: on CUDA, the time is read only after the device finished, or a stage's kernels
+    (the last backward) are charged to the next. On a CPU nothing is queued and nothing is called."""
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", waited.append)
+    salsa.clock(torch.device("cpu"))
+    assert waited == []
+    salsa.clock(torch.device("cuda", 3))
+    assert waited == [torch.device("cuda", 3)]
