@@ -1154,31 +1154,44 @@ def recipe(a: Recipe):
     R.mkdir(parents=True, exist_ok=True)
     times_file = R / "times.json"
     times = json.loads(times_file.read_text()) if times_file.exists() else {}
-    made_file = R / "stages.json"  # each finished stage's script and flags: a skip must not report other flags
-    made = json.loads(made_file.read_text()) if made_file.exists() else {}
+    made_file = R / "stages.json"  # each finished stage's script, flags and order: what a skip may report
+    made = {n: m if isinstance(m, dict) else {"flags": m, "done": 0}  # files before the order was kept
+            for n, m in (json.loads(made_file.read_text()) if made_file.exists() else {}).items()}
     py, launch = [sys.executable], shlex.split(a.launcher) or [sys.executable]
     script = {s: os.path.relpath(here / f"{s}.py") for s in ("salsa", "sft", "soup", "reward", "ppo", "eval")}
+    paths = {}  # stage -> what it leaves: its out, or the answers file of an answer stage
 
-    def stage(name: str, out: Path | None, cmd: list, launcher=py):
+    def stage(name: str, out: Path | None, cmd: list, launcher=py, leaves: Path | None = None):
         """Run one stage as a subprocess, printed first so it can be copied; skipped when `out` exists.
         Once `out` exists, the stage's resumable checkpoints `out.ckpt/step-N` are deleted (its metrics
         and samples there stay): they serve only --resume of an unfinished run, and each holds a model
         and its optimizer (a PPO one, policy and critic: ~3.3 GB at 135M, two kept per run), which a
         study's 20 runs would pile up. A stage whose `out` was made with other flags (stages.json) is
-        refused, not skipped: its numbers would be reported under this run's flags."""
+        refused, not skipped: its numbers would be reported under this run's flags. A stage made before
+        a stage it reads (a path among its flags) was redone is deleted and redone, as make would: the
+        soup of two new SFT models, the answers of a new PPO model."""
         flags = [Path(str(cmd[0])).name, *map(str, cmd[1:])]  # what makes `out`: the script and flags, not the launcher
         cmd = [str(c) for c in [*launcher, *cmd]]
+        leaves = out or leaves
+        reads = [n for n, p in paths.items() if n != name and any(Path(c) == p or p in Path(c).parents for c in cmd)]
+        if leaves:
+            paths[name] = leaves
+        if (mine := made.get(name)) and leaves and leaves.exists() and (newer := [n for n in reads if made[n]["done"] > mine["done"]]):
+            print(f"[{name}] redone: {', '.join(newer)} finished after it")
+            shutil.rmtree(leaves) if leaves.is_dir() else leaves.unlink()
+            shutil.rmtree(f"{leaves}.ckpt", ignore_errors=True)  # its resumable state and logs are of the old run
         if out and out.exists():
-            if (was := made.get(name, flags)) != flags:  # stages from before stages.json are taken as they are
-                sys.exit(f"[{name}] {out} was made with {differ(was, flags)}: delete it to redo it with these "
-                         "flags, or choose another --out")
+            if (was := made.setdefault(name, {"flags": flags, "done": 0})["flags"]) != flags:  # stages from before
+                sys.exit(f"[{name}] {out} was made with {differ(was, flags)}: delete it to redo it with these "  # stages.json
+                         "flags, or choose another --out")  # are taken as they are
             print(f"[{name}] skipped: {out} exists")
         else:
             print(f"\n[{name}] $ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
             start = time.time()
             if subprocess.run(cmd).returncode:
                 sys.exit(f"[{name}] failed (its error is above); finished stages are kept, rerun to resume")
-            times[name], made[name] = round(time.time() - start, 1), flags
+            times[name] = round(time.time() - start, 1)
+            made[name] = {"flags": flags, "done": 1 + max((m["done"] for m in made.values()), default=0)}
             times_file.write_text(json.dumps(times, indent=1))
             made_file.write_text(json.dumps(made, indent=1))
         if out:
@@ -1220,7 +1233,7 @@ def recipe(a: Recipe):
     for n, path in models.items():  # no out: eval.py answer resumes by itself, and is quick once done
         stage(f"answer {n}", None, [script["eval"], "answer", "--model", path, "--model-id", n, "--questions",
                                     questions, "--max-new-tokens", a.max_new_tokens, "--batch-size", 32,
-                                    "--out", answers[n]])  # 64 questions: 27 s at 32 rows, 39 s at 8, the same answers
+                                    "--out", answers[n]], leaves=answers[n])  # 64 questions: 27 s at 32 rows, 39 s at 8, the same answers
     order = list(models) if study else ["salsa", "ppo", "sft", *list(runs)[2:]]
     res = R / "results"
     api = ["--judge-url", a.judge_url, "--judge-model", a.judge_model, "--cache", res / "judge_cache.jsonl"]

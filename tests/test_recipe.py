@@ -4,6 +4,7 @@ end on a tiny random-init model: every stage, results.md with its tables and plo
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -131,11 +132,24 @@ def test_recipe_end_to_end(toy_recipe):
     assert json.loads((r / "times.json").read_text())["sft-seed1"] == times["sft-seed1"]
     made = json.loads((r / "stages.json").read_text())  # each stage's script and flags, as it ran
     for n, script in (("sft-seed1", "sft.py"), ("reward", "reward.py"), ("ppo", "ppo.py")):  # resumable by a rerun
-        assert made[n][0] == script and "--resume" in made[n], n
+        assert made[n]["flags"][0] == script and "--resume" in made[n]["flags"], n
     results = (r / "results.md").read_text()
     other = subprocess.run([*cmd, "--ppo-lr", "0.003"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert other.returncode and f"[ppo] {r / 'ppo'} was made with --lr 1e-05 (now 0.003): delete it" in other.stderr
     assert (r / "results.md").read_text() == results  # not rewritten under flags its numbers were not made with
+    # as told: delete ppo (and the soup); what read them is redone, not skipped, and nothing else
+    shutil.rmtree(r / "ppo"), shutil.rmtree(r / "soup")
+    redo = subprocess.run([*cmd, "--ppo-lr", "0.003"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert redo.returncode == 0, redo.stdout[-2000:] + redo.stderr[-3000:]
+    ran = [line.split("]")[0][1:] for line in redo.stdout.splitlines() if "] $ " in line]
+    assert ran[:3] == ["soup", "ppo", "salsa"] and "reward" not in ran and "alpha-line" not in ran, ran
+    redone = [line for line in redo.stdout.splitlines() if "] redone: " in line]
+    assert redone == ["[salsa] redone: soup finished after it", "[answer ppo] redone: ppo finished after it",
+                      "[answer salsa] redone: salsa finished after it"], redone
+    for n in ("ppo", "salsa"):  # answered anew by the new models, with the new flags
+        assert f"{r / 'answers' / n}.jsonl: 0 questions answered before" in redo.stdout, n
+        assert json.loads((r / n / "args.json").read_text())["lr"] == 0.003, n
+    assert f"{r / 'answers' / 'sft'}.jsonl: 0 questions" not in redo.stdout
 
 
 def test_full_scale_recipe_shape_under_torchrun(tmp_path, tok):
