@@ -420,6 +420,7 @@ def load_model(path: str, tok=None, dtype: str = "float32", attn: str = "sdpa", 
 
     def build():
         model = from_pretrained(AutoModelForCausalLM, path, dtype, attn, allow_pickle)
+        check_head(model, path)
         model.generation_config = GenerationConfig()
         if tok is not None:
             if len(tok) > model.get_input_embeddings().weight.shape[0]:
@@ -428,6 +429,16 @@ def load_model(path: str, tok=None, dtype: str = "float32", attn: str = "sdpa", 
         disable_dropout(model)
         return model
     return distribute(build, dist or Dist(device=torch.device(device)), train)
+
+
+def check_head(model, path: str):
+    """token_logprobs computes log-softmax(h·Wᵀ / T) itself (fp32, chunked), with only Gemma-2's softcap on top:
+    a head with a bias (Phi) or a config that scales the logits (Granite, Cohere) would make every SFT loss,
+    PPO ratio and KL those of another model than the one that samples. Refused, not silently mis-scored."""
+    if getattr(model.get_output_embeddings(), "bias", None) is not None:
+        raise InputError(f"{path}: its output layer has a bias, which salsa's log-probs (token_logprobs) leave out")
+    if scaled := {k: v for k in ("logits_scaling", "logit_scale") if (v := getattr(model.config, k, 1)) not in (1, None)}:
+        raise InputError(f"{path}: config.json scales the logits ({scaled}), which salsa's log-probs leave out")
 
 
 def disable_dropout(model: torch.nn.Module):

@@ -634,3 +634,29 @@ def test_the_clock_waits_for_a_gpus_queued_work(monkeypatch):
     assert waited == []
     salsa.clock(torch.device("cuda", 3))
     assert waited == [torch.device("cuda", 3)]
+
+
+@pytest.mark.parametrize("family", ["phi", "granite"])
+def test_a_head_salsa_would_misscore_is_refused(tmp_path, tok, family):
+    """Phi's output layer has a bias, Granite divides the logits by config.logits_scaling: token_logprobs,
+    log-softmax(h·Wᵀ) alone, gives other log-probs than the model samples from (shown first), so load_model
+    refuses both and names what it leaves out."""
+    from transformers import GraniteConfig, GraniteForCausalLM, PhiConfig, PhiForCausalLM
+    torch.manual_seed(0)
+    shape = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    if family == "phi":
+        model = PhiForCausalLM(PhiConfig(**shape))
+        torch.nn.init.normal_(model.lm_head.bias, std=2.0)  # a trained head's bias is not 0
+    else:
+        model = GraniteForCausalLM(GraniteConfig(**shape, logits_scaling=8.0))
+        model.lm_head.weight.data *= 30  # logits as sharp as a trained model's
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    ids = torch.tensor([tok("The capital of France is Paris.")["input_ids"]])
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+        mine = salsa.token_logprobs(model, out.hidden_states[-1][0, :-1], ids[0, 1:])[0]
+        theirs = torch.log_softmax(out.logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+    assert (mine - theirs).abs().max() > 0.5  # what would go wrong
+    with pytest.raises(salsa.InputError, match="bias" if family == "phi" else r"scales the logits \({'logits_scaling': 8.0}\)"):
+        salsa.load_model(str(tmp_path), tok)
