@@ -102,8 +102,26 @@ def check_ingredients(paths: list[str]) -> list[dict]:
     layouts = [read_layout(p) for p in paths]
     check_same([{k: (dtype, shape, None if DTYPES[dtype].is_floating_point else read_tensor(file, k))
                  for k, (file, dtype, shape) in layout.items()} for layout in layouts], paths)
+    check_configs(paths)
     salsa.check_vocabularies(paths)
     return layouts
+
+
+# what may differ between fine-tunes of one base: where it came from, who saved it, the KV-cache switch;
+# the dtype is checked tensor by tensor
+FREE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache"}
+
+
+def check_configs(paths: list[str]):
+    """Refuse ingredients whose config.json differ in what the model computes: the soup is written, or
+    loaded, with the first's config, so two bases of one shape (Mistral-7B v0.1 and v0.2: RoPE θ 1e4 and
+    1e6) would average into a model that runs neither's maths."""
+    configs = [json.loads(Path(p, "config.json").read_text()) for p in paths]
+    for path, config in zip(paths[1:], configs[1:]):
+        for key in sorted((configs[0].keys() | config.keys()) - FREE_CONFIG_KEYS):
+            if configs[0].get(key) != config.get(key):
+                raise salsa.InputError(f"{path}: config.json has {key} {config.get(key)!r}, {paths[0]} has "
+                                       f"{configs[0].get(key)!r}: soup models fine-tuned from one base")
 
 
 def soup_weights(args: Args) -> list[float]:
@@ -225,11 +243,16 @@ def stream_soup(paths: list[str], weights: list[float], out: str, shard_size: in
 
 # ---------------------------------------------------------------- greedy soup
 def heldout(tok, source: str, split: str, rows: int, max_len: int) -> list:
-    """(ids, labels) of the first `rows` held-out chat rows, read and tokenized exactly as sft.py does."""
+    """(ids, labels) of the first `rows` held-out chat rows, read, filtered and tokenized exactly as sft.py
+    does: rows writing a special token as text and rows whose answer starts beyond max_len are dropped."""
     from sft import read_chats, tokenize
-    examples, _ = tokenize(tok, read_chats(source, split)[:rows], max_len, show=False)
-    if not examples:  # every answer starts beyond max_len
+    chats = read_chats(source, split)[:rows]
+    special = salsa.rows_with_special_text(tok, chats, "held-out rows", salsa.Dist())
+    examples, too_long = tokenize(tok, [c for c in chats if c[0] not in special], max_len, show=False)
+    if not examples:
         raise salsa.InputError(f"{source}: no row with an assistant token within --max-len {max_len}")
+    print(f"greedy: scored on {len(examples)} rows of {source}"
+          + (f" ({len(too_long)} with no answer within --max-len {max_len}: {salsa.rows_note(too_long)})" if too_long else ""))
     return examples
 
 
@@ -251,6 +274,8 @@ def greedy_soup(paths: list[str], score) -> list[int]:
 def main(args: Args):
     if not args.out or Path(args.out).exists():  # checked before the greedy search too
         raise salsa.InputError(f"--out {args.out!r}: give a directory that does not exist yet")
+    for stale in Path(args.out).parent.glob(f".{Path(args.out).name}.tmp*"):  # a killed run's half-written soup
+        shutil.rmtree(stale, ignore_errors=True)
     weights, paths = soup_weights(args), args.models
     if args.greedy:
         if not args.eval_data:

@@ -147,18 +147,28 @@ def other_tokenizer(src, dst):
     return str(dst)
 
 
+def other_config(src, dst, **changes):
+    """`src` with its config.json changed, same tensors: another base of the same shape."""
+    shutil.copytree(src, dst)
+    path = Path(dst, "config.json")
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return str(dst)
+
+
 @pytest.mark.parametrize("case, message", [
     ("hidden", r"tensor model\.embed_tokens\.weight has shape \[49152, 64\], .* has \[49152, 32\]"),
     ("missing", r"tensor model\.norm\.weight is missing"),
     ("dtype", r"tensor model\.embed_tokens\.weight has dtype BF16, .* has F32"),
     ("vocab", r"its vocabulary \(config vocab_size or tokenizer tokens\) differs from"),
+    ("config", r"config\.json has rms_norm_eps 0\.001, .* has 1e-06: soup models fine-tuned from one base"),
 ])
 def test_mismatched_ingredients_are_refused_before_any_output(tmp_path, models, tok, case, message):
     other = {"hidden": lambda: make_tiny(tmp_path / "o", tok, seed=1, hidden=64),
              "missing": lambda: with_tensors(models["f1"], tmp_path / "o",
                                              lambda sd: {k: v for k, v in sd.items() if k != "model.norm.weight"}),
              "dtype": lambda: models["b1"],
-             "vocab": lambda: other_tokenizer(models["f1"], tmp_path / "o")}[case]()
+             "vocab": lambda: other_tokenizer(models["f1"], tmp_path / "o"),
+             "config": lambda: other_config(models["f1"], tmp_path / "o", rms_norm_eps=1e-3)}[case]()
     before = set(tmp_path.iterdir())
     with pytest.raises(ValueError, match=message):
         stream(tmp_path, [models["f0"], other], [0.5, 0.5])
@@ -234,8 +244,12 @@ def test_greedy_scores_with_the_sft_heldout_loss(tmp_path, models, tok, monkeypa
     read, splits = salsa.read_rows, []  # the split a hub --eval-data is read from (it was always "train")
     monkeypatch.setattr(salsa, "read_rows", lambda source, split: splits.append(split) or read(source, split))
     args = salsa.parse_args(soup.Args, ["--models", "a", "b", "--greedy", "--eval-data", "x"])
-    examples = soup.heldout(tok, write_chat(tmp_path / "eval.jsonl"), args.eval_split, rows=3, max_len=256)
-    assert splits == ["test_sft"]
+    path = write_chat(tmp_path / "eval.jsonl")
+    with open(path, "a") as fh:  # sft.py drops a row that writes a special token as text: so does the greedy score
+        fh.write(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                          {"role": "assistant", "content": "a<|im_end|>b"}]}) + "\n")
+    examples = soup.heldout(tok, path, args.eval_split, rows=4, max_len=256)
+    assert splits == ["test_sft"] and len(examples) == 3
     model = salsa.load_model(models["f0"], tok)
     ids, mask, labels = sft.collate(examples, tok.pad_token_id, "cpu")
     with torch.no_grad():
@@ -249,8 +263,10 @@ def run_cli(*args):
 
 def test_cli_end_to_end(tmp_path, models):
     out = tmp_path / "soup"
+    (tmp_path / ".soup.tmp999").mkdir()  # what save_atomic leaves when a run is killed mid-write
     r = run_cli("--models", models["f0"], models["f1"], "--out", str(out))
     assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["soup"]
     assert json.loads((out / "soup.json").read_text())["weights"] == [0.5, 0.5]
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):  # copied verbatim
         assert (out / name).read_bytes() == Path(models["f0"], name).read_bytes()
@@ -266,5 +282,5 @@ def test_cli_greedy(tmp_path, models):
                 "--eval-data", write_chat(tmp_path / "eval.jsonl"), "--max-len", "128", "--out", str(out))
     assert r.returncode == 0, r.stderr
     made = json.loads((out / "soup.json").read_text())
-    assert r.stdout.count("greedy: ") == 2 and set(made["models"]) <= {models["f0"], models["f1"], models["f2"]}
+    assert r.stdout.count(", soup with it ") == 2 and "greedy: scored on 3 rows of" in r.stdout and set(made["models"]) <= {models["f0"], models["f1"], models["f2"]}
     assert made["weights"] == [1 / len(made["models"])] * len(made["models"])
