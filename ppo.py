@@ -358,6 +358,7 @@ def main(args: Args):
 
     kw = dict(dtype=args.dtype, attn=args.attn, device=dist.device, dist=dist)
     flags = {k: v for k, v in vars(args).items() if k not in ("resume", "out")}  # defaults filled in by check_args
+    flags["data_tokens"] = salsa.digest(ids for ids, _ in prompts)
     resume_from, state = salsa.resume_point(ckpt_dir, args.resume, flags, dist)
     # a sharded (torchrun) checkpoint holds no HF weights: load_optimizer_state restores them
     lm = salsa.load_model((not dist.sharded and resume_from) or args.model, tok, **kw, train=True,

@@ -185,6 +185,7 @@ def main(args: Args):
              for i in random.Random(args.seed + e).sample(range(len(train)), per_epoch * args.batch_size)]
     ckpt = salsa.prepare_out(args.out, args.resume)  # after every check on the data: a bad row writes nothing
     log, flags = os.path.join(ckpt, "metrics.jsonl"), {k: v for k, v in asdict(args).items() if k not in ("resume", "out")}
+    flags["data_tokens"] = salsa.digest(ids for pair in train + held_out for ids in pair)
     start, state = salsa.resume_point(ckpt, args.resume, flags, dist)
 
     # the normalisation samples come from the initial SFT model: drawn once, kept in every checkpoint

@@ -22,8 +22,10 @@ The recipe runs each stage as a subprocess with explicit flags, printed first (c
 skips a stage whose output exists (rerun = resume). Offline there is no UltraChat, UltraFeedback or
 GPT-4, so the default brings a task a program can judge (checkable instructions, below).
 """
+import array
 import contextlib
 import dataclasses
+import hashlib
 import importlib
 import inspect
 import json
@@ -809,13 +811,23 @@ def load_trainer_state(path: str, dist: Dist = Dist()) -> dict:
     return {k: Sharded(path) if isinstance(v, Sharded) else v for k, v in state.items()}
 
 
+def digest(seqs) -> str:
+    """A sha256 of token-id sequences, each with its length (about 1 s per 30M tokens). A resumed run records
+    it among its flags: --data names a file, and a file regenerated in place would resume on other rows (with
+    another schedule and data order: both are computed from the number of rows)."""
+    h = hashlib.sha256()
+    for ids in seqs:
+        h.update(array.array("q", [len(ids), *ids]).tobytes())
+    return h.hexdigest()[:16]
+
+
 def resume_point(ckpt: str, resume: bool, flags: dict, dist: Dist = Dist()) -> tuple[str | None, dict | None]:
     """(the newest checkpoint in `ckpt`, its trainer state) with --resume, else (None, None); refused
-    unless it was made with the same `flags` (a resumed run must be the run it continues)."""
+    unless it was made with the same `flags` and data (a resumed run must be the run it continues)."""
     start = latest_checkpoint(ckpt) if resume else None
     state = load_trainer_state(start, dist) if start else None
     if state and (changed := [k for k in flags if state["flags"].get(k) != flags[k]]):
-        raise InputError(f"{start} was made with other flags ({', '.join(changed)}): resume with the same ones")
+        raise InputError(f"{start} was made with other flags or data ({', '.join(changed)}): resume with the same ones")
     return start, state
 
 

@@ -135,6 +135,7 @@ def main(args: Args):
     order = torch.cat([torch.randperm(len(train), generator=g) for _ in range(shuffles)]).tolist()
 
     flags = {k: v for k, v in asdict(args).items() if k not in ("resume", "out")}
+    flags["data_tokens"] = salsa.digest(ids for ids, _ in train + held)
     start, state = salsa.resume_point(ckpt, args.resume, flags, dist)
     # a sharded (torchrun) checkpoint holds no HF weights: load_optimizer_state restores them
     model = salsa.load_model((not dist.sharded and start) or args.model, tok, args.dtype, args.attn, dist.device, dist,

@@ -177,6 +177,13 @@ def test_resume_gives_the_uninterrupted_run(base_run, tiny):
     assert proc.returncode == -signal.SIGKILL and not out.exists(), "the run ended before it could be killed"
     resumed_at = ckpt_step()
     assert logged() > resumed_at
+    text = Path(data).read_text()
+    try:  # the data file regenerated in place (one row's answer changed): not the run this checkpoint is of
+        Path(data).write_text(text.replace("What is 3 + 3?", "What is 3 + 4?", 1))
+        other = subprocess.run(args + ["--resume"], cwd=ROOT, capture_output=True, text=True)
+    finally:
+        Path(data).write_text(text)
+    assert other.returncode == 2 and "made with other flags or data (data_tokens)" in other.stderr, other.stderr[-2000:]
     subprocess.run(args + ["--resume"], cwd=ROOT, check=True, capture_output=True)
     w, ref = weights(out), weights(base)
     assert all(torch.equal(w[k], ref[k]) for k in ref)
