@@ -62,7 +62,7 @@ class Args:
     init_kl_coef: float = salsa.arg(-1.0, "initial β; <0: the paper's 0.2 for sft/mkl and 0.01 for soup (App. A.3)")
     adaptive_kl: bool = salsa.arg(True, "Ziegler et al. 2019 adaptive β (App. A.3 says 'initial' β)")
     target_kl: float = salsa.arg(6.0, "adaptive controller's target KL, nats per sequence")
-    kl_horizon: int = salsa.arg(10000, "adaptive controller's horizon, in sequences")
+    kl_horizon: int = salsa.arg(10000, "adaptive controller's horizon, in sequences", low=1)
     kl_estimator: Literal["k1", "k3"] = salsa.arg("k1", "per-token KL: k1 = log π - log π_ref; k3 = r - 1 - log r "
                                                   "(as a reward its gradient is not the KL's: see kl_per_token)")
     lr: float = salsa.arg(2e-6, "learning rate (App. A.3: 2e-6 for 7B, 1e-7 for Gemma-2B), linear decay")
@@ -71,14 +71,14 @@ class Args:
                                                   "policy's states (half the memory; at 135M it does not learn)")
     value_lr: float = salsa.arg(0.0, "learning rate of the critic alone (linear decay too); 0: 1e-4 for --critic "
                                      "reward, 1e-3 for --critic head (measured at 135M; OpenRLHF's 7B critic: 9e-6)")
-    batch_size: int = salsa.arg(8, "prompts per PPO step, over all ranks (App. A.3)")
-    ppo_epochs: int = salsa.arg(2, "optimisation epochs over each batch (App. A.3)")
-    minibatches: int = salsa.arg(1, "optimizer steps per epoch; batch_size must divide evenly")
-    micro_batch: int = salsa.arg(1, "rows per forward/backward on each rank (App. A.3's batch 8 on 8 GPUs is 1)")
-    steps: int = salsa.arg(0, "PPO steps; 0 = one pass over the prompts")
+    batch_size: int = salsa.arg(8, "prompts per PPO step, over all ranks (App. A.3)", low=1)
+    ppo_epochs: int = salsa.arg(2, "optimisation epochs over each batch (App. A.3)", low=1)
+    minibatches: int = salsa.arg(1, "optimizer steps per epoch; batch_size must divide evenly", low=1)
+    micro_batch: int = salsa.arg(1, "rows per forward/backward on each rank (App. A.3's batch 8 on 8 GPUs is 1)", low=1)
+    steps: int = salsa.arg(0, "PPO steps; 0 = one pass over the prompts", low=0)
     temperature: float = salsa.arg(0.7, "sampling temperature (rollout and scoring alike)")
-    max_new_tokens: int = salsa.arg(64, "response length limit")
-    max_prompt_len: int = salsa.arg(256, "prompts longer than this many tokens are dropped (count printed)")
+    max_new_tokens: int = salsa.arg(64, "response length limit", low=1)
+    max_prompt_len: int = salsa.arg(256, "prompts longer than this many tokens are dropped (count printed)", low=1)
     missing_eos_penalty: float = salsa.arg(1.0, "subtracted from the score of a response with no EOS")
     gamma: float = salsa.arg(1.0, "discount")
     lam: float = salsa.arg(0.95, "GAE λ")
@@ -92,14 +92,15 @@ class Args:
     gold: str = salsa.arg("", "py:module:function scoring (prompt, response) with a gold judge: log each step's "
                               "mean gold score of the rollouts (offline: py:salsa:gold_score)")
     seed: int = salsa.arg(1, "seed of data order and sampling")
-    save_every: int = salsa.arg(50, "checkpoint every N steps (atomic; --resume continues)")
-    sample_every: int = salsa.arg(10, "print and save a table of sampled responses every N steps")
+    save_every: int = salsa.arg(50, "checkpoint every N steps (atomic; --resume continues)", low=1)
+    sample_every: int = salsa.arg(10, "print and save a table of sampled responses every N steps", low=1)
     resume: bool = salsa.arg(False, "continue from the latest checkpoint in OUT.ckpt")
-    dtype: str = salsa.arg("float32", "weights and AdamW state dtype of the policy and critic (and of the frozen "
+    dtype: salsa.DType = salsa.arg("float32", "weights and AdamW state dtype of the policy and critic (and of the frozen "
                                       "models, unless --frozen-dtype); bfloat16 halves memory but AdamW then updates "
                                       "bf16 weights: no fp32 master copy, and at lr 2e-6 most updates round away")
-    frozen_dtype: str = salsa.arg("", "weights dtype of the frozen reference(s) and reward model (empty: --dtype); "
-                                      "bfloat16 halves their memory, their heads still run in fp32")
+    frozen_dtype: Literal["", "float32", "bfloat16", "float16"] = salsa.arg(
+        "", "weights dtype of the frozen reference(s) and reward model (empty: --dtype); bfloat16 halves their "
+        "memory, their heads still run in fp32")
     attn: str = salsa.arg("sdpa", "attention implementation (sdpa, eager, flash_attention_2)")
     allow_pickle: bool = salsa.arg(False, "load models whose weights are only a pickle (pytorch_model.bin runs code)")
 

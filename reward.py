@@ -22,7 +22,6 @@ import math
 import os
 import random
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,23 +40,23 @@ class Args:
                                "a hub name, else an --eval-frac holdout")
     eval_split: str = salsa.arg("test_prefs", "split of a hub --eval-data")
     eval_frac: float = salsa.arg(0.05, "fraction of a local --data held out when --eval-data is empty")
-    max_len: int = salsa.arg(2048, "pairs with a side longer than this many tokens are dropped (App. A.1's length)")
+    max_len: int = salsa.arg(2048, "pairs with a side longer than this many tokens are dropped (App. A.1's length)", low=1)
     lr: float = salsa.arg(2e-5, "peak learning rate, decayed linearly to 0 (App. A.2)")
-    batch_size: int = salsa.arg(8, "pairs per optimizer step, all ranks together (App. A.2)")
-    micro_batch: int = salsa.arg(1, "at most this many pairs per forward on one rank (2x rows: chosen and rejected)")
+    batch_size: int = salsa.arg(8, "pairs per optimizer step, all ranks together (App. A.2)", low=1)
+    micro_batch: int = salsa.arg(1, "at most this many pairs per forward on one rank (2x rows: chosen and rejected)", low=1)
     weight_decay: float = salsa.arg(0.001, "AdamW weight decay (App. A.2)")
-    epochs: int = salsa.arg(1, "passes over the training pairs")
-    max_steps: int = salsa.arg(0, "optimizer steps (0: --epochs worth)")
+    epochs: int = salsa.arg(1, "passes over the training pairs", low=1)
+    max_steps: int = salsa.arg(0, "optimizer steps (0: --epochs worth)", low=0)
     max_grad_norm: float = salsa.arg(1.0, "gradient clipping norm")
-    eval_every: int = salsa.arg(500, "held-out evaluation every N steps (0: only at the end)")
-    save_every: int = salsa.arg(500, "steps between resumable checkpoints in OUT.ckpt (the 2 newest are kept; 0: none)")
+    eval_every: int = salsa.arg(500, "held-out evaluation every N steps (0: only at the end)", low=0)
+    save_every: int = salsa.arg(500, "steps between resumable checkpoints in OUT.ckpt (the 2 newest are kept; 0: none)", low=0)
     resume: bool = salsa.arg(False, "continue from the newest checkpoint in OUT.ckpt, with the same flags")
-    norm_samples: int = salsa.arg(64, "SFT responses whose raw rewards set the bias and gain (0: held-out pairs)")
-    norm_max_new_tokens: int = salsa.arg(64, "max new tokens of each normalisation response")
+    norm_samples: int = salsa.arg(64, "SFT responses whose raw rewards set the bias and gain (0: held-out pairs)", low=0)
+    norm_max_new_tokens: int = salsa.arg(64, "max new tokens of each normalisation response", low=1)
     norm_temperature: float = salsa.arg(0.7, "sampling temperature of the normalisation responses, ppo.py's "
                                         "--temperature (0: greedy)")
     seed: int = salsa.arg(0, "seed of shuffling, head init and normalisation sampling")
-    dtype: Literal["float32", "bfloat16", "float16"] = salsa.arg("float32", "weights and AdamW state dtype")
+    dtype: salsa.DType = salsa.arg("float32", "weights and AdamW state dtype")
     attn: str = salsa.arg("sdpa", "attention implementation (sdpa, eager, flash_attention_2)")
     allow_pickle: bool = salsa.arg(False, "load a --model whose weights are only a pickle (pytorch_model.bin runs code)")
     out: str = salsa.arg("runs/reward", "output directory (must not exist); checkpoints and metrics.jsonl go to OUT.ckpt")

@@ -78,11 +78,24 @@ def end_group():
         torch.distributed.destroy_process_group()
 
 
-def arg(default, help: str):
-    """A dataclass field whose help text becomes the flag's `--help` line."""
+DType = typing.Literal["float32", "bfloat16", "float16"]
+
+
+def arg(default, help: str, low: float | None = None):
+    """A dataclass field whose help text becomes the flag's `--help` line; a value below `low` is refused
+    by the parser, naming the flag (a zero batch or micro-batch otherwise fails deep in a loop)."""
+    meta = {"help": help, "low": low}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def at_least(kind, low: float):
+    def parse(text: str):
+        if (value := kind(text)) < low:
+            raise __import__("argparse").ArgumentTypeError(f"{text}: must be at least {low:g}")
+        return value
+    return parse
 
 
 def parse_args(cls, argv=None):
@@ -102,7 +115,7 @@ def parse_args(cls, argv=None):
         elif typing.get_origin(kind) is list:
             opts.update(nargs="*", type=typing.get_args(kind)[0])
         else:
-            opts["type"] = kind
+            opts["type"] = kind if f.metadata.get("low") is None else at_least(kind, f.metadata["low"])
         if typing.get_origin(kind) is typing.Literal:
             opts.update(type=str, choices=typing.get_args(kind))
         parser.add_argument("--" + f.name.replace("_", "-"), **opts)

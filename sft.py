@@ -1,4 +1,5 @@
-"""Supervised fine-tuning on chat data, loss on assistant tokens only (SALSA App. A.1).
+"""Supervised fine-tuning on chat data (SALSA App. A.1), the loss on assistant tokens only (our choice:
+the paper does not say).
 
 SALSA's reference is a soup of SFT models fine-tuned from one base with different seeds; run this
 once per seed, then average the results with soup.py:
@@ -34,19 +35,19 @@ class Args:
     seed: int = salsa.arg(1, "data-order seed; the paper trains two SFT models that differ only by it (App. A.1)")
     lr: float = salsa.arg(2.5e-5, "peak learning rate (App. A.1)")
     warmup_ratio: float = salsa.arg(0.03, "fraction of the steps with linear warmup (App. A.1)")
-    batch_size: int = salsa.arg(8, "global batch in sequences, all ranks together (App. A.1: 8; 16 for Gemma-2B)")
+    batch_size: int = salsa.arg(8, "global batch in sequences, all ranks together (App. A.1: 8; 16 for Gemma-2B)", low=1)
     micro_batch: int = salsa.arg(8, "at most this many sequences per forward on one rank (each rank takes "
-                                    "--batch-size / ranks); gradients accumulate over them")
-    max_len: int = salsa.arg(2048, "tokens kept per conversation, the first ones (App. A.1)")
-    epochs: int = salsa.arg(1, "passes over the training rows (the paper does not say)")
-    max_steps: int = salsa.arg(0, "optimizer steps; 0 = epochs x rows / batch size")
+                                    "--batch-size / ranks); gradients accumulate over them", low=1)
+    max_len: int = salsa.arg(2048, "tokens kept per conversation, the first ones (App. A.1)", low=1)
+    epochs: int = salsa.arg(1, "passes over the training rows (the paper does not say)", low=1)
+    max_steps: int = salsa.arg(0, "optimizer steps; 0 = epochs x rows / batch size", low=0)
     schedule: Literal["linear", "cosine"] = salsa.arg("linear", "lr decay after warmup (the paper does not say; TRL's default is linear)")
     weight_decay: float = salsa.arg(0.0, "AdamW weight decay on every weight (the paper gives none for SFT; TRL's default is 0)")
     max_grad_norm: float = salsa.arg(1.0, "gradient-norm clipping (TRL's default)")
-    eval_every: int = salsa.arg(500, "steps between held-out losses (one more at the end; 0: only then)")
-    save_every: int = salsa.arg(500, "steps between resumable checkpoints in OUT.ckpt (the 2 newest are kept; 0: none)")
+    eval_every: int = salsa.arg(500, "steps between held-out losses (one more at the end; 0: only then)", low=0)
+    save_every: int = salsa.arg(500, "steps between resumable checkpoints in OUT.ckpt (the 2 newest are kept; 0: none)", low=0)
     resume: bool = salsa.arg(False, "continue from the newest checkpoint in OUT.ckpt, with the same flags")
-    dtype: str = salsa.arg("float32", "weight dtype; bfloat16 halves memory but AdamW then updates bf16 weights")
+    dtype: salsa.DType = salsa.arg("float32", "weight dtype; bfloat16 halves memory but AdamW then updates bf16 weights")
     attn: str = salsa.arg("sdpa", "attention implementation (paper: flash attention = flash_attention_2, needs flash-attn)")
     allow_pickle: bool = salsa.arg(False, "load a --model whose weights are only a pickle (pytorch_model.bin runs code)")
 

@@ -46,10 +46,10 @@ class Args:
     greedy: bool = salsa.arg(False, "greedy soup (Wortsman et al. 2022) scored by held-out SFT loss on --eval-data")
     eval_data: str = salsa.arg("", "greedy: held-out chat rows with `messages` (.json/.jsonl/.parquet or hub name)")
     eval_split: str = salsa.arg("test_sft", "greedy: dataset split of a hub --eval-data (UltraChat-200k's held-out one)")
-    eval_rows: int = salsa.arg(256, "greedy: number of held-out rows scored")
-    max_len: int = salsa.arg(2048, "greedy: max tokens per row (paper App. A.1)")
-    batch_size: int = salsa.arg(8, "greedy: rows per forward (paper App. A.1)")
-    shard_size: int = salsa.arg(2000, "largest output shard in MB; more shards get model.safetensors.index.json")
+    eval_rows: int = salsa.arg(256, "greedy: number of held-out rows scored", low=1)
+    max_len: int = salsa.arg(2048, "greedy: max tokens per row (paper App. A.1)", low=1)
+    batch_size: int = salsa.arg(8, "greedy: rows per forward (paper App. A.1)", low=1)
+    shard_size: int = salsa.arg(2000, "largest output shard in MB; more shards get model.safetensors.index.json", low=1)
 
 
 # ---------------------------------------------------------------- ingredients

@@ -513,7 +513,7 @@ def test_load_tokenizer_pad_is_not_eos(tok):
 # ---------------------------------------------------------------- flags
 @dataclass
 class Flags:
-    max_len: int = salsa.arg(2048, "tokens per example (paper A.1)")
+    max_len: int = salsa.arg(2048, "tokens per example (paper A.1)", low=1)
     lr: float = salsa.arg(2.5e-5, "peak learning rate")
     flag: bool = salsa.arg(True, "a switch")
     seeds: list[int] = salsa.arg([1, 2], "one SFT per seed")
@@ -535,6 +535,10 @@ def test_parse_args(capsys):
     with pytest.raises(SystemExit):
         salsa.parse_args(Flags, ["--max-len", "five"])
     capsys.readouterr()
+    assert salsa.parse_args(Flags, ["--max-len", "1"]).max_len == 1  # the bound itself is allowed
+    with pytest.raises(SystemExit):
+        salsa.parse_args(Flags, ["--max-len", "0"])
+    assert "argument --max-len: 0: must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         salsa.parse_args(Flags, ["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps long lines
