@@ -46,7 +46,7 @@ from soup import read_states, soup_state_dicts
 @dataclass
 class Args:
     questions: str = salsa.arg("", "MT-Bench, Arena-Hard or prompt rows (.jsonl/.json/.parquet), or a hub dataset")
-    split: str = salsa.arg("test_prefs", "dataset split of a hub --questions (UltraFeedback's test split, §4)")
+    split: str = salsa.arg(salsa.QUESTIONS_SPLIT, "dataset split of a hub --questions (UltraFeedback's test split, §4)")
     limit: int = salsa.arg(0, "use only the first N questions (0 = all)", low=0)
     out: str = salsa.arg("", "answer: answers .jsonl (resumed); judge: table path without suffix; analyses: a dir")
     model: str = salsa.arg("", "answer: model directory")

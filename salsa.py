@@ -531,6 +531,9 @@ def check_objects(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
     return rows
 
 
+QUESTIONS_SPLIT = "test_prefs"  # eval.py's --split: a hub --questions dataset's (UltraFeedback's test split, §4)
+
+
 def load_questions(source: str, split: str, limit: int = 0) -> list[dict]:
     """[{id, turns: [str]}] from any of the three question formats (a row without an id: its index from 0)."""
     out, seen = [], {}
@@ -1026,8 +1029,14 @@ def meets(kind: str, value: str, answer: str) -> bool:
             "end": lambda: re.search(rf"\b{re.escape(value)}[.!]?\s*$", answer, re.IGNORECASE) is not None}[kind]()
 
 
+# An answer with no content: it meets every constraint it cannot break (a word to avoid, a word limit), so
+# the gold score has a floor well above 0. results.md and report.md print its score beside the models'.
+NO_CONTENT = "zzz"
+
+
 def gold_score(prompt, answer: str) -> float:
-    """The gold judge: the fraction of the prompt's constraints that the answer meets, in [0, 1]."""
+    """The gold judge: the fraction of the prompt's constraints that the answer meets, in [0, 1]. It reads
+    the constraints only, not the topic or whether the answer is prose: see NO_CONTENT."""
     cons = constraints_of(prompt)
     if not cons:
         raise ValueError(f"not a task prompt of the recipe (no constraint found): {str(prompt)[:80]!r}")
@@ -1185,6 +1194,10 @@ def recipe(a: Recipe):
              "soup3": ("salsa-soup3", ["--ref", "soup", "--soup", R / "soup3", "--init-kl-coef", 0.01]),
              **{f"alpha{x:g}": (f"salsa-alpha{x:g}", ["--ref", "soup", "--soup-models", R / "sft-seed1", R / "sft-seed2",
                                                       "--alpha", x, "--init-kl-coef", 0.01]) for x in (0.25, 0.75)}}
+    if study and a.ablations and a.ablation_beta not in a.betas:  # each ablation is compared with SALSA at its β
+        sys.exit(f"--ablation-beta {a.ablation_beta:g}: give one of --betas {' '.join(f'{b:g}' for b in a.betas)}")
+    if a.questions:  # read now, not after every stage has run
+        load_questions(a.questions, QUESTIONS_SPLIT)
     if set(a.ablations) - set(extra):
         sys.exit(f"--ablations {' '.join(a.ablations)}: expected some of {', '.join(extra)}")
     R.mkdir(parents=True, exist_ok=True)
@@ -1304,7 +1317,7 @@ def write_results(a: Recipe, R: Path, order: list[str], questions: str, answers:
     lines += [f"| {m} vs {o} | {r['win']} | {r['loss']} | {r['tie']} | {float(r['win_rate']):.1f} | "
               f"{float(r['adj_win_rate']):.1f} | [{float(r['ci_low']):.1f}, {float(r['ci_high']):.1f}] |"
               for m, o in pairs if (r := wins.get((m, o)))]
-    qs = load_questions(questions, "", 0)
+    qs = load_questions(questions, QUESTIONS_SPLIT)
     gold = py_function(a.judge[3:]) if a.judge.startswith("py:") else None
     rewards = {}
     for r in csv.DictReader(open(R / "results" / "reward_hist" / "reward_hist.csv")):
@@ -1323,6 +1336,9 @@ def write_results(a: Recipe, R: Path, order: list[str], questions: str, answers:
                  for k in ("objective/score", "objective/kl", "objective/response_len")]
         lines.append(f"| {n} | {g} | {sum(rewards[n]) / len(rewards[n]):.3f} | "
                      f"{sum(len(y.split()) for _, y in texts) / len(texts):.1f} | {' | '.join(train)} |")
+    if gold:  # for scale: what an answer with no content scores
+        floor = sum(float(gold(q["turns"][0], NO_CONTENT)) for q in qs) / len(qs)
+        lines.append(f"| the answer {NO_CONTENT!r}, for scale | {floor:.3f} | - | 1.0 | - | - | - |")
     lines += ["", "## Reward and gold score along the line between the two SFT models (Fig. 2a/b)", "",
               "| α | Reward (RM) | Gold score |", "|---:|---:|---:|"]
     for r in csv.DictReader(open(R / "results" / "alpha_line" / "alpha_line.csv")):
@@ -1357,7 +1373,7 @@ def write_study(a: Study, R: Path, runs: list[str], questions: str, answers: dic
     """OUT/report.md and its PNGs, from what the stages wrote: answer files, reward_hist.csv, metrics.jsonl."""
     import csv
     gold = py_function(a.judge[3:])
-    qs = [(str(q["id"]), q["turns"][0]) for q in load_questions(questions, "", 0)]
+    qs = [(str(q["id"]), q["turns"][0]) for q in load_questions(questions, QUESTIONS_SPLIT)]
     halves = {"dev": [q for i, q in enumerate(qs) if i % 2 == 0], "test": [q for i, q in enumerate(qs) if i % 2]}
     rm = {(r["model"], r["question_id"]): float(r["reward"])  # first turns: the task's questions have one
           for r in csv.DictReader(open(R / "results" / "reward_hist" / "reward_hist.csv")) if r["turn"] == "1"}
@@ -1396,7 +1412,10 @@ def write_study(a: Study, R: Path, runs: list[str], questions: str, answers: dic
     for m, b in ablations:
         diff = per_q("gold", grid[m, b], "test") - per_q("gold", grid["salsa", b], "test")  # (seeds, questions)
         lines.append(f"- gold, {m} − salsa at β {b:g}: {fmt(bootstrap(diff, a.boot))}")
-    lines += ["", "KL columns: nats per response, the last 5 training steps. No-EOS rate and explained variance: PPO's "
+    floor = sum(float(gold(p, NO_CONTENT)) for _, p in halves["test"]) / len(halves["test"])
+    lines += ["", f"For scale, the gold score of the answer {NO_CONTENT!r} (test half): {floor:.3f}; the SFT model's: "
+              f"{per_q('gold', ['sft'], 'test').mean():.3f}. The judge counts the constraints an answer does not break.",
+              "", "KL columns: nats per response, the last 5 training steps. No-EOS rate and explained variance: PPO's "
               "rollouts, the last 5 steps.", "", "## The premise: the soup against its two SFT models (all questions)", ""]
     every_q = lambda what, names: torch.cat([per_q(what, names, h) for h in ("dev", "test")], 1)
     for what in ("gold", "rm"):

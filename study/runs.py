@@ -44,6 +44,8 @@ sft = gold("sft")
 for name in ("sft", "sft-seed2", "soup"):
     g = gold(name)
     print(f"{name}: gold dev {g[0::2].mean():.3f}, test {g[1::2].mean():.3f}; reward model, test {rm_test(name):.3f}")
+floor = torch.tensor([salsa.gold_score(p, salsa.NO_CONTENT) for _, p in qs])  # the gold score's floor, for scale
+print(f"the answer {salsa.NO_CONTENT!r}: gold dev {floor[0::2].mean():.3f}, test {floor[1::2].mean():.3f}")
 print()
 print("| Run | Gold − SFT, all [95% CI] | RM, test | KL to init | Entropy | Response length | Explained var. | No-EOS |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|")

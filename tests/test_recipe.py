@@ -117,6 +117,9 @@ def test_recipe_end_to_end(toy_recipe):
         assert (r / "results" / png).read_bytes()[:4] == b"\x89PNG"
     wins = (r / "results" / "wins.csv").read_text()
     assert "py:salsa:gold_score" in wins
+    eval_prompts = [q["prompt"] for q in salsa.read_jsonl(r / "data" / "eval.jsonl")]
+    floor = sum(salsa.gold_score(p, "zzz") for p in eval_prompts) / len(eval_prompts)
+    assert f"| the answer 'zzz', for scale | {floor:.3f} | - | 1.0 |" in md and 0 < floor < 1  # the gold score's floor
     times = json.loads((r / "times.json").read_text())
     mtime = (r / "sft-seed1" / "model.safetensors").stat().st_mtime
     for n in ("sft-seed1", "ppo"):  # stand-ins for a finished run's resumable checkpoints (toy runs write none)
@@ -200,6 +203,10 @@ def test_recipe_refuses_unknown_ablation_before_any_work(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "salsa.py"), "--out", str(tmp_path / "r"), "--ablations", "mkl",
                           "dpo"], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert res.returncode != 0 and "expected some of gibberish, kl-hack, mkl, soup3" in res.stderr
+    # a study's ablation is compared with SALSA at its β: a β off the grid has no SALSA run (its lines vanished)
+    res = subprocess.run([sys.executable, str(ROOT / "salsa.py"), "study", "--out", str(tmp_path / "r"), "--ablations",
+                          "mkl", "--ablation-beta", "0.3"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert res.returncode != 0 and "--ablation-beta 0.3: give one of --betas 0.01 0.05 0.2" in res.stderr
     assert not (tmp_path / "r").exists()
 
 
@@ -229,6 +236,9 @@ def test_study_end_to_end(toy_recipe):
         log = salsa.read_jsonl(s / f"{n}-beta0.2-seed3.ckpt" / "metrics.jsonl")
         assert log[0]["kl_coef"] == 0.2 and log[0]["objective/gold"] == logs["salsa-beta0.2-seed3"][0]["objective/gold"]
     md = (s / "report.md").read_text()
+    test_prompts = [q["prompt"] for q in salsa.read_jsonl(s / "data" / "eval.jsonl")][1::2]
+    floor = sum(salsa.gold_score(p, "zzz") for p in test_prompts) / len(test_prompts)
+    assert f"For scale, the gold score of the answer 'zzz' (test half): {floor:.3f}; the SFT model's: " in md
     for text in ("β chosen on dev: PPO", "- Gold score difference, SALSA − PPO:", "| ppo | 0.01 |", "| salsa | 0.2 |",
                  "- gold, soup − sft:", "- rm, soup − sft-seed2:", "| mkl | 0.2 |", "| salsa-alpha0.25 | 0.2 |",
                  "- gold, mkl − salsa at β 0.2:", "- gold, salsa-alpha0.25 − salsa at β 0.2:", "- policy samples (every run): it orders", "| 1.00 |", "Last sampled rollouts of ppo-beta0.01-seed3"):
