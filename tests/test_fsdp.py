@@ -77,8 +77,11 @@ def fixed_rollout(model, prompt, prompt_mask, gen_cfg, synced):
 def ppo_worker(argv):
     """ppo.py's main on fixed rollouts; each rank writes how many gradient reduce-scatters FSDP made."""
     from torch.distributed.fsdp import FSDPModule
-    calls, reduce_scatter, sharded, shard = [], torch.distributed.reduce_scatter_single, [], salsa.shard
-    torch.distributed.reduce_scatter_single = lambda *a, **kw: calls.append(1) or reduce_scatter(*a, **kw)
+    # FSDP2's gradient reduce-scatter: reduce_scatter_single from torch 2.13, reduce_scatter_tensor before
+    # (the device's torch 2.11)
+    name = "reduce_scatter_single" if hasattr(torch.distributed, "reduce_scatter_single") else "reduce_scatter_tensor"
+    calls, reduce_scatter, sharded, shard = [], getattr(torch.distributed, name), [], salsa.shard
+    setattr(torch.distributed, name, lambda *a, **kw: calls.append(1) or reduce_scatter(*a, **kw))
     salsa.shard = lambda *a, **kw: sharded.append(isinstance(m := shard(*a, **kw), FSDPModule)) or m
     ppo.rollout = fixed_rollout
     args = salsa.parse_args(ppo.Args, argv)
