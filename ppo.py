@@ -36,6 +36,7 @@ Choices, and where we depart from the usual recipe:
   with tiny early gradients, 1e-8 turns Adam into sign descent and the first updates are large.
 """
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -86,7 +87,7 @@ class Args:
     cliprange_value: float = salsa.arg(0.2, "value clip around the rollout's values")
     vf_coef: float = salsa.arg(0.1, "value loss coefficient")
     whiten_rewards: bool = salsa.arg(False, "whiten per-token rewards before GAE")
-    max_grad_norm: float = salsa.arg(1.0, "gradient clipping (TRL's PPO never applies it)")
+    max_grad_norm: float = salsa.arg(1.0, "gradient clipping (0: none; TRL's PPO never applies it)", low=0)
     kl_init: bool = salsa.arg(True, "also log KL(π‖π_init) to the policy's starting SFT model, comparable across "
                                     "references (--ref soup loads that model: one more frozen forward a step)")
     gold: str = salsa.arg("", "py:module:function scoring (prompt, response) with a gold judge: log each step's "
@@ -449,8 +450,8 @@ def main(args: Args):
                     for name, v in {**s, "ppo/policy_loss": pg.item(), "ppo/value_loss": vf.item()}.items():
                         stats[name] = stats.get(name, 0.0) + v
                     n_tok += rmask[micro].sum().item()
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.lm.parameters(), args.max_grad_norm)
-                torch.nn.utils.clip_grad_norm_(policy.value_model().parameters(), args.max_grad_norm)  # its own norm
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.lm.parameters(), args.max_grad_norm or math.inf)
+                torch.nn.utils.clip_grad_norm_(policy.value_model().parameters(), args.max_grad_norm or math.inf)  # its own norm
                 opt.step()
                 sched.step()
         t3 = salsa.clock(dist.device)

@@ -12,6 +12,10 @@ rewards of --norm-samples responses of the initial SFT model, sampled like PPO's
 (--norm-temperature = ppo.py's 0.7), so PPO starts at reward 0 with unit spread (Ziegler et al. 2019
 normalise both) and a β means the same for every reward model; with --norm-samples 0, the mean and
 spread over held-out chosen+rejected. A BT model's scale is arbitrary (eq. 1 sees only differences).
+ppo.py subtracts --missing-eos-penalty from a response with no EOS after this normalisation, so its
+first scores average about -penalty x norm/no_eos_frac (metrics.json), 0 only when every sample stops.
+metrics.json's eval/* are on the saved model's (normalised) scale; metrics.jsonl's rows during
+training are raw scores (accuracy is the same on both).
 
 Departures: pairs longer than --max-len are dropped, not truncated (a cut response has no EOS, so the
 head would learn to score text PPO never shows it); no warmup (App. A.2 names only linear decay);
@@ -47,7 +51,7 @@ class Args:
     weight_decay: float = salsa.arg(0.001, "AdamW weight decay (App. A.2)")
     epochs: int = salsa.arg(1, "passes over the training pairs", low=1)
     max_steps: int = salsa.arg(0, "optimizer steps (0: --epochs worth)", low=0)
-    max_grad_norm: float = salsa.arg(1.0, "gradient clipping norm")
+    max_grad_norm: float = salsa.arg(1.0, "gradient clipping norm (0: none)", low=0)
     eval_every: int = salsa.arg(500, "held-out evaluation every N steps (0: only at the end)", low=0)
     save_every: int = salsa.arg(500, "steps between resumable checkpoints in OUT.ckpt (the 2 newest are kept; 0: none)", low=0)
     resume: bool = salsa.arg(False, "continue from the newest checkpoint in OUT.ckpt, with the same flags")
@@ -108,9 +112,12 @@ def init_reward_model(args, tok, checkpoint: str | None = None):
     """The SFT model with a new scalar head, or (resuming in one process) the reward model of a checkpoint."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
-    logging.set_verbosity_error()  # the head is missing from an SFT checkpoint by design: no load report
-    rm = salsa.from_pretrained(AutoModelForSequenceClassification, checkpoint or args.model, args.dtype, args.attn,
-                               args.allow_pickle, num_labels=1)
+    logging.set_verbosity_error()  # the head is missing from an SFT checkpoint by design: no load report,
+    rm, loaded = salsa.from_pretrained(AutoModelForSequenceClassification, checkpoint or args.model, args.dtype,
+                                       args.attn, args.allow_pickle, num_labels=1, output_loading_info=True)
+    if missing := set(loaded["missing_keys"]) - ({"score.weight"} if not checkpoint else set()):  # so it is checked
+        raise salsa.InputError(f"{checkpoint or args.model}: {len(missing)} backbone tensors were not in its weights "
+                               f"(e.g. {sorted(missing)[0]}): they would train from a random init")
     if len(tok) > rm.get_input_embeddings().weight.shape[0]:
         rm.resize_token_embeddings(len(tok))
     rm.config.pad_token_id, rm.config.reward_bias, rm.config.reward_gain = tok.pad_token_id, 0.0, 1.0
@@ -134,6 +141,11 @@ def generate_references(args, tok, prompts: list[list[int]], dist) -> list[tuple
     return [(p, p + r) for p, r in zip(prompts, responses)]
 
 
+def agree(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
+    """Pairs ordered as labelled, a tie counting half (a zero head is at chance, 0.5, not 0)."""
+    return ((r_w > r_l).float() + 0.5 * (r_w == r_l).float()).sum()
+
+
 def pair_rewards(rm, pairs: list[tuple], device):
     """Rewards (b,), (b,) of the chosen and rejected sides, from one forward on the 2b rows."""
     ids, mask = salsa.pad([p[1] for p in pairs] + [p[2] for p in pairs], rm.config.pad_token_id,
@@ -144,7 +156,7 @@ def pair_rewards(rm, pairs: list[tuple], device):
 
 @torch.no_grad()
 def evaluate(rm, pairs: list[tuple], args, dist) -> dict:
-    """Accuracy (r_w > r_l), mean margin, loss and mean reward over the held-out pairs, summed over ranks.
+    """Accuracy (r_w > r_l, a tie half), mean margin, loss and mean reward over the held-out pairs, summed over ranks.
     Every rank makes the same number of forwards (FSDP gathers in each): a rank out of pairs scores
     the first pair again and drops it."""
     stats, mine = torch.zeros(6, device=dist.device), pairs[dist.rank::dist.world]
@@ -153,7 +165,7 @@ def evaluate(rm, pairs: list[tuple], args, dist) -> dict:
         part = mine[i:i + args.micro_batch]
         r_w, r_l = pair_rewards(rm, part or pairs[:1], dist.device)
         if part:
-            stats += torch.stack([(r_w > r_l).sum(), (r_w - r_l).sum(), bt_loss(r_w, r_l) * len(r_w),
+            stats += torch.stack([agree(r_w, r_l), (r_w - r_l).sum(), bt_loss(r_w, r_l) * len(r_w),
                                   (r_w + r_l).sum(), (r_w ** 2 + r_l ** 2).sum(),
                                   torch.tensor(len(r_w), device=dist.device)]).float()
     correct, margin, loss, reward, square, n = salsa.all_sum(stats, dist).tolist()
@@ -205,8 +217,8 @@ def main(args: Args):
             loss = bt_loss(r_w, r_l)
             salsa.sync_grads(rm, last=k + micro >= len(mine))
             (loss * len(r_w) / args.batch_size).backward()  # summed over micro-batches and ranks: the batch mean
-            stats += torch.stack([loss.detach() * len(r_w), (r_w > r_l).sum().float(), (r_w - r_l).detach().sum()])
-        grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), args.max_grad_norm)
+            stats += torch.stack([loss.detach() * len(r_w), agree(r_w, r_l), (r_w - r_l).detach().sum()])
+        grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), args.max_grad_norm or math.inf)
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
@@ -223,16 +235,22 @@ def main(args: Args):
             state = salsa.trainer_state(rm, opt, sched, step + 1, dist, refs=refs, flags=flags)
             salsa.save_checkpoint(ckpt, step + 1, rm, tok, state, dist=dist)
 
-    final = evaluate(rm, held_out, args, dist)
     with torch.no_grad():  # rm.config.reward_bias is 0 and reward_gain 1 still: these are raw rewards
         raw = torch.tensor([salsa.reward_scores(rm, *salsa.pad([s], tok.pad_token_id, device=dist.device)).item()
                             for _, s in refs])
     mean, std = (raw.mean().item(), raw.std().item() if len(raw) > 1 else 0.0) if len(raw) else (
-        final["eval/reward_mean"], final["eval/reward_std"])
+        (e := evaluate(rm, held_out, args, dist))["eval/reward_mean"], e["eval/reward_std"])
     rm.config.reward_bias = mean
     rm.config.reward_gain = 1 / std if std > 0 else 1.0  # one sample has no spread: the gain stays 1
+    # on the scale the saved model returns (the rows logged during training are raw): margin, loss and
+    # reward statistics change with the normalisation, the accuracy does not
+    final = evaluate(rm, held_out, args, dist)
+    # ppo.py subtracts --missing-eos-penalty from a response with no EOS, after this normalisation: its
+    # first scores average about -penalty x this share, not 0
+    no_eos = sum(tok.eos_token_id not in s[len(p):] for p, s in refs) / len(refs) if refs else 0.0
     metrics = final | {"step": total, "norm/bias": mean, "norm/gain": rm.config.reward_gain, "train/pairs": len(train),
-                       "norm/source": f"{len(refs)} SFT samples" if refs else "held-out chosen+rejected"}
+                       "norm/source": f"{len(refs)} SFT samples" if refs else "held-out chosen+rejected",
+                       "norm/no_eos_frac": no_eos}
     salsa.log0(dist, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     samples = [{"prompt": tok.decode(p), "response": tok.decode(s[len(p):]), "ids": s,
                 "reward": (r - mean) * rm.config.reward_gain} for (p, s), r in zip(refs, raw.tolist())]

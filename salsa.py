@@ -417,7 +417,7 @@ def from_pretrained(cls, path: str, dtype: str = "float32", attn: str = "sdpa", 
     check_model_dir(path, allow_pickle)
     model = cls.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn,
                                 use_safetensors=None if allow_pickle else True, **kw)
-    check_finite(model.state_dict(), path)
+    check_finite((model[0] if kw.get("output_loading_info") else model).state_dict(), path)
     return model
 
 
@@ -948,6 +948,10 @@ def load_reward_model(path: str, dtype: str = "float32", attn: str = "sdpa", dev
     Eval mode, dropout off, sharded under torchrun (`train`: as a trained model, ppo.py's critic);
     freezing it (requires_grad) is the caller's choice."""
     from transformers import AutoModelForSequenceClassification
+
+    if Path(path, "trainer_state.pt").exists():
+        raise InputError(f"{path} is a resumable checkpoint of reward.py: its scores are not normalised yet (its "
+                         "config has reward_bias 0, reward_gain 1); give the run's final --out")
 
     def build():
         rm = from_pretrained(AutoModelForSequenceClassification, path, dtype, attn, allow_pickle)

@@ -43,7 +43,7 @@ class Args:
     max_steps: int = salsa.arg(0, "optimizer steps; 0 = epochs x rows / batch size", low=0)
     schedule: Literal["linear", "cosine"] = salsa.arg("linear", "lr decay after warmup (the paper does not say; TRL's default is linear)")
     weight_decay: float = salsa.arg(0.0, "AdamW weight decay on every weight (the paper gives none for SFT; TRL's default is 0)")
-    max_grad_norm: float = salsa.arg(1.0, "gradient-norm clipping (TRL's default)")
+    max_grad_norm: float = salsa.arg(1.0, "gradient-norm clipping (TRL's default; 0: none)", low=0)
     eval_every: int = salsa.arg(500, "steps between held-out losses (one more at the end; 0: only then)", low=0)
     save_every: int = salsa.arg(500, "steps between resumable checkpoints in OUT.ckpt (the 2 newest are kept; 0: none)", low=0)
     resume: bool = salsa.arg(False, "continue from the newest checkpoint in OUT.ckpt, with the same flags")
@@ -161,7 +161,7 @@ def main(args: Args):
             salsa.sync_grads(model, last=i + micro >= len(mine))
             (nll_sum / n_tok).backward()
             nll += nll_sum.detach().double()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()

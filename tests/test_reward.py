@@ -4,9 +4,11 @@ import json
 import math
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -112,6 +114,14 @@ def test_reward_end_to_end(trained, tok):
     assert metrics["norm/gain"] == pytest.approx(rm.config.reward_gain)
     torch.testing.assert_close(scores, torch.tensor([s["reward"] for s in samples]), atol=1e-4, rtol=0)
 
+    eos_text = tok.decode([tok.eos_token_id])  # responses are decoded with their special tokens
+    assert metrics["norm/no_eos_frac"] == sum(eos_text not in s["response"] for s in samples) / len(samples)
+    # metrics.json's held-out numbers are the saved model's: recomputed from it, not the raw scores before
+    held = reward.load_pairs(tok, str(tmp / "eval.jsonl"), "train", 64, salsa.Dist())
+    again = reward.evaluate(rm, held, types.SimpleNamespace(micro_batch=4), salsa.Dist())
+    for key in ("eval/loss", "eval/margin", "eval/reward_mean", "eval/reward_std", "eval/accuracy"):
+        assert again[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-5), key
+
     hf = AutoModelForSequenceClassification.from_pretrained(str(tmp / "rm"))  # any tool can load it
     ids = torch.tensor([samples[0]["ids"]])
     with torch.no_grad():
@@ -205,3 +215,33 @@ def test_bad_row_stops_before_any_output(tiny, tmp_path, row, message):
     with pytest.raises(salsa.InputError, match=f"bad.jsonl line 4.*{message}"):  # the file's fourth line
         reward.main(args)
     assert not out.exists() and not Path(f"{out}.ckpt").exists()
+
+
+def test_accuracy_counts_a_tie_half():
+    """A zero head scores every side alike: at chance, 0.5 a pair, not 0."""
+    assert reward.agree(torch.tensor([1.0, 0.0, 2.0]), torch.tensor([1.0, 1.0, 1.0])).item() == 1.5
+
+
+def test_a_backbone_that_does_not_load_is_refused(tmp_path, tiny, tok):
+    """Weights saved under another prefix: transformers would init the backbone at random, and its load
+    report is silenced (the new head is missing by design), so the reward model trained on noise."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(tiny, tmp_path / "m")
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    save_file({f"base_model.model.{k}": v for k, v in weights.items()}, tmp_path / "m" / "model.safetensors",
+              metadata={"format": "pt"})
+    args = salsa.parse_args(reward.Args, ["--model", str(tmp_path / "m")])
+    with pytest.raises(salsa.InputError, match=r"backbone tensors were not in its weights \(e\.g\. model\."):
+        reward.init_reward_model(args, tok)
+    reward.init_reward_model(salsa.parse_args(reward.Args, ["--model", tiny]), tok)  # only the head is new: fine
+
+
+def test_a_checkpoint_is_not_taken_for_a_reward_model(trained):
+    """OUT.ckpt/step-N holds reward_bias 0 and reward_gain 1: PPO would train on raw rewards."""
+    tmp, _, _ = trained
+    shutil.copytree(tmp / "rm", tmp / "step")
+    (tmp / "step" / "trainer_state.pt").write_bytes(b"")
+    with pytest.raises(salsa.InputError, match="is a resumable checkpoint of reward.py"):
+        salsa.load_reward_model(str(tmp / "step"))
+    with pytest.raises(SystemExit):  # a negative clip norm would reverse the gradient
+        salsa.parse_args(reward.Args, ["--max-grad-norm", "-1"])
