@@ -80,7 +80,7 @@ def tokenize_pair(tok, row, where: str):
         raise salsa.InputError(f"{where}: `chosen` and `rejected` must share the conversation before their last message")
     prompt, sides = salsa.prompt_ids(tok, row["chosen"][:-1], where), []
     for key in ("chosen", "rejected"):
-        full = salsa.render(tok, row[key])
+        full = salsa.render(tok, row[key], where=f"{where} `{key}`")
         if full[: len(prompt)] != prompt or tok.eos_token_id not in full[len(prompt):]:
             raise salsa.InputError(f"{where}: the chat template's rendering of `{key}` does not extend the prompt "
                              f"and close the response with {tok.eos_token!r}; use a chat tokenizer that does")

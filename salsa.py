@@ -22,6 +22,7 @@ The recipe runs each stage as a subprocess with explicit flags, printed first (c
 skips a stage whose output exists (rerun = resume). Offline there is no UltraChat, UltraFeedback or
 GPT-4, so the default brings a task a program can judge (checkable instructions, below).
 """
+import argparse
 import array
 import contextlib
 import dataclasses
@@ -93,14 +94,13 @@ def arg(default, help: str, low: float | None = None):
 def at_least(kind, low: float):
     def parse(text: str):
         if (value := kind(text)) < low:
-            raise __import__("argparse").ArgumentTypeError(f"{text}: must be at least {low:g}")
+            raise argparse.ArgumentTypeError(f"{text}: must be at least {low:g}")
         return value
     return parse
 
 
 def parse_args(cls, argv=None):
     """Build an argparse parser from a dataclass of `arg(...)` fields: `max_len` becomes `--max-len`."""
-    import argparse
     parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(cls)
@@ -586,11 +586,15 @@ def rows_with_special_text(tok, rows: list[tuple[str, list[dict]]], what: str, d
     return set(bad)
 
 
-def render(tok, messages: list[dict], add_generation_prompt=False) -> list[int]:
+def render(tok, messages: list[dict], add_generation_prompt=False, where: str = "row") -> list[int]:
     """Token ids of the chat template's text, with exactly one BOS where the tokenizer adds one (Llama-2,
     Mistral, Gemma: their models never saw text without it) and none where it does not (SmolLM2). The
     text is tokenised without special tokens, so a template that writes its own BOS keeps just that one."""
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    from jinja2 import TemplateError
+    try:  # a template's own refusal (Gemma's: "System role not supported") is a row's error
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        raise InputError(f"{where}: the chat template refuses this conversation: {e}") from None
     ids = tok(text, add_special_tokens=False)["input_ids"]
     bos = tok.bos_token_id
     if bos is not None and tok("")["input_ids"][:1] == [bos] and ids[:1] != [bos]:
@@ -607,8 +611,8 @@ def tokenize_chat(tok, messages: list[dict], max_len: int, where: str = "row"):
     whose first assistant token falls beyond them is returned as None (the caller counts it)."""
     ids, labels = [], []
     for i, m in enumerate(messages):
-        before = render(tok, messages[:i], add_generation_prompt=True) if m["role"] == "assistant" else ids
-        after = render(tok, messages[: i + 1])
+        before = render(tok, messages[:i], True, where) if m["role"] == "assistant" else ids
+        after = render(tok, messages[: i + 1], where=where)
         if after[: len(before)] != before or before[: len(ids)] != ids:
             raise InputError(f"{where}: chat template does not extend prefix by prefix at message {i}")
         span = after[len(before):]
@@ -626,7 +630,7 @@ def prompt_ids(tok, prompt, where: str = "row") -> list[int]:
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else check_messages(prompt, where, False)
     if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
         raise InputError(f"{where}: prompt must be a non-empty string or messages ending with a user turn")
-    return render(tok, messages, add_generation_prompt=True)
+    return render(tok, messages, add_generation_prompt=True, where=where)
 
 
 def pad(seqs: list[list[int]], pad_id: int, left: bool = True, device="cpu"):

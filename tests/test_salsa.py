@@ -3,6 +3,7 @@ or a slow, obviously-correct reference (tier c).
 
     .venv/bin/python -m pytest -q tests/test_salsa.py
 """
+import copy
 import json
 import math
 import re
@@ -487,6 +488,19 @@ def test_tokenize_chat_labels_assistant_only(tok):
     ids_cut, labels_cut = salsa.tokenize_chat(tok, CHAT, max_len=cut)
     assert ids_cut == ids[:cut] and labels_cut == labels[:cut]
     assert salsa.tokenize_chat(tok, CHAT, max_len=spans[0][0]) is None  # no assistant token survives
+
+
+def test_a_template_refusing_a_row_names_it(tok):
+    """Gemma's template raises on a system turn; the error names the row, not a jinja2 traceback."""
+    gemma_like = copy.deepcopy(tok)
+    gemma_like.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                                "supported') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    chat = [{"role": "system", "content": "Be brief."}, *CHAT]
+    with pytest.raises(salsa.InputError, match="data.jsonl line 6: the chat template refuses this conversation: "
+                                               "System role not supported"):
+        salsa.tokenize_chat(gemma_like, chat, 100, "data.jsonl line 6")
+    with pytest.raises(salsa.InputError, match="line 2: the chat template refuses"):
+        salsa.prompt_ids(gemma_like, chat[:2], "line 2")
 
 
 def test_prompt_ids_end_with_assistant_header(tok):
