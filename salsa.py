@@ -1233,14 +1233,16 @@ def recipe(a: Recipe):
         reads = [n for n, p in paths.items() if n != name and any(Path(c) == p or p in Path(c).parents for c in cmd)]
         if leaves:
             paths[name] = leaves
-        if (mine := made.get(name)) and leaves and leaves.exists() and (newer := [n for n in reads if made[n]["done"] > mine["done"]]):
+        mine = made.get(name)
+        if mine and leaves and leaves.exists() and (newer := [n for n in reads if made[n]["done"] > mine["done"]]):
             print(f"[{name}] redone: {', '.join(newer)} finished after it")
             shutil.rmtree(leaves) if leaves.is_dir() else leaves.unlink()
             shutil.rmtree(f"{leaves}.ckpt", ignore_errors=True)  # its resumable state and logs are of the old run
         if out and out.exists():
-            if (was := made.setdefault(name, {"flags": flags, "done": 0})["flags"]) != flags:  # stages from before
-                sys.exit(f"[{name}] {out} was made with {differ(was, flags)}: delete it to redo it with these "  # stages.json
-                         "flags, or choose another --out")  # are taken as they are
+            # a stage from before stages.json is taken as it is
+            if (was := made.setdefault(name, {"flags": flags, "done": 0})["flags"]) != flags:
+                sys.exit(f"[{name}] {out} was made with {differ(was, flags)}: delete it to redo it with these "
+                         "flags, or choose another --out")
             print(f"[{name}] skipped: {out} exists")
         else:
             print(f"\n[{name}] $ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
