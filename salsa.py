@@ -26,6 +26,7 @@ import argparse
 import array
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import importlib
 import inspect
@@ -154,7 +155,9 @@ def setup_dist(seed: int) -> Dist:
     d = Dist()
     if "RANK" in os.environ:
         d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), sharded=True)
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        # NCCL's default timeout is 10 minutes: the other ranks wait in a collective while rank 0 alone builds
+        # a 7B soup (distribute) or writes the final policy and critic (~56 GB at fp32), which can take longer
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
     d.device = torch.device(f"cuda:{d.local_rank}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(d.device)
@@ -895,7 +898,7 @@ def prepare_out(out: str, resume: bool) -> str:
 def rng_state(dist: Dist = Dist()):
     """This process's generators; under torchrun a list of every rank's (a collective)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+             "cuda": torch.cuda.get_rng_state(dist.device) if dist.device.type == "cuda" else None}  # its own GPU's
     if dist.world == 1:
         return state
     states = [None] * dist.world
@@ -908,7 +911,7 @@ def set_rng_state(state, dist: Dist = Dist()):
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if state["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"], dist.device)
 
 
 def clock(device) -> float:

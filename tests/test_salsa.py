@@ -678,3 +678,13 @@ def test_a_head_salsa_would_misscore_is_refused(tmp_path, tok, family):
     assert (mine - theirs).abs().max() > 0.5  # what would go wrong
     with pytest.raises(salsa.InputError, match="bias" if family == "phi" else r"scales the logits \({'logits_scaling': 8.0}\)"):
         salsa.load_model(str(tmp_path), tok)
+
+
+def test_a_rank_saves_and_restores_only_its_own_gpus_generator(monkeypatch):
+    """get_rng_state_all would hold every visible GPU's, and a resume with fewer visible GPUs fails on it."""
+    seen = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: seen.append(("get", device)) or torch.zeros(8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: seen.append(("set", device)))
+    dist = salsa.Dist(device=torch.device("cuda", 2))
+    salsa.set_rng_state(salsa.rng_state(dist), dist)
+    assert seen == [("get", torch.device("cuda", 2)), ("set", torch.device("cuda", 2))]
