@@ -85,6 +85,8 @@ class Args:
 # ---------------------------------------------------------------- questions and answers
 def load_answers(path: str, questions: list[dict]) -> tuple[str, dict]:
     """(model_id, {question id: answer turns}), refused unless every question's every turn is answered."""
+    if not Path(path).is_file():
+        raise salsa.InputError(f"{path}: no such answers file: make it with `eval.py answer --out {path}` first")
     rows = salsa.read_jsonl(path)
     answers = {str(r["question_id"]): r["choices"][0]["turns"] for r in rows}
     for q in questions:

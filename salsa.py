@@ -766,10 +766,10 @@ def save_atomic(out: str, write):
     tmp.mkdir(parents=True)
     try:
         write(str(tmp))
+        os.replace(tmp, out)  # fails if `out` appeared meanwhile (a non-empty directory): the temp dir goes too
     except BaseException:  # a crash or Ctrl-C leaves neither `out` nor a half-written temp dir
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    os.replace(tmp, out)
 
 
 def save_model(out: str, model, tok, files: dict | None = None, dist: Dist = Dist()):
@@ -1483,6 +1483,8 @@ if __name__ == "__main__":
         convert_gguf(sys.argv[2], sys.argv[3])
     elif sys.argv[1:2] == ["task"]:
         t = parse_args(Recipe, sys.argv[2:])
+        if Path(t.out).exists():
+            sys.exit(f"--out {t.out} exists: give the task a new folder (the recipe's is OUT/data)")
         make_task(t.out, *t.task_sizes, seed=t.task_seed)
     elif sys.argv[1:2] == ["study"]:
         recipe(parse_args(Study, sys.argv[2:]))

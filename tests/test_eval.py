@@ -465,3 +465,8 @@ def test_plots_are_optional(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     salsa.plot(tmp_path / "x.png", lambda plt: None)
     assert "pip install matplotlib" in capsys.readouterr().out and not (tmp_path / "x.png").exists()
+
+
+def test_a_missing_answers_file_is_named(tmp_path):
+    with pytest.raises(salsa.InputError, match=r"nope\.jsonl: no such answers file: make it with `eval.py answer"):
+        ev.load_answers(str(tmp_path / "nope.jsonl"), [])

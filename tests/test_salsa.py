@@ -688,3 +688,12 @@ def test_a_rank_saves_and_restores_only_its_own_gpus_generator(monkeypatch):
     dist = salsa.Dist(device=torch.device("cuda", 2))
     salsa.set_rng_state(salsa.rng_state(dist), dist)
     assert seen == [("get", torch.device("cuda", 2)), ("set", torch.device("cuda", 2))]
+
+
+def test_save_atomic_onto_a_folder_that_appeared_leaves_no_temp(tmp_path):
+    """`salsa.py task --out EXISTING` failed at the rename and left its .OUT.tmpPID behind."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "kept.txt").write_text("mine")
+    with pytest.raises(OSError):
+        salsa.save_atomic(str(tmp_path / "out"), lambda tmp: Path(tmp, "new.txt").write_text("x"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (tmp_path / "out" / "kept.txt").read_text() == "mine"
