@@ -31,13 +31,15 @@ recipe: setup
 
 # Speed and memory of a PPO step on SmolLM2-135M fp32: the 8 Arena-Hard prompts (151-354 tokens) that
 # ../shared/bench/side_by_side.sh gives ours and TRL's PPOTrainer, every step on all 8, 64 new tokens, 2
-# epochs; then each step against its matmul bound (BOUND below). Peak RSS from /usr/bin/time.
+# epochs; then each step against its matmul bound (BOUND below). Peak RSS from /usr/bin/time. --critic head: the
+# value head, which the bound counts; a whole critic (the default) would add its
+# forward in scoring and its forward and backward in every epoch.
 bench: setup
 	rm -rf $(BENCH) && mkdir -p $(BENCH) && head -8 data/bench_prompts.jsonl > $(BENCH)/prompts8.jsonl
 	$(PY) salsa.py task --out $(BENCH)/task --task-sizes 8 16 8 8
 	$(PY) reward.py --data $(BENCH)/task/prefs.jsonl --max-steps 1 --norm-samples 0 --out $(BENCH)/rm
 	/usr/bin/time -v $(PY) ppo.py --ref sft --model $(MODEL) --reward $(BENCH)/rm --data $(BENCH)/prompts8.jsonl \
-		--max-prompt-len 512 --batch-size 8 --max-new-tokens 64 --ppo-epochs 2 --steps 3 --save-every 1000 \
+		--max-prompt-len 512 --batch-size 8 --max-new-tokens 64 --ppo-epochs 2 --steps 3 --save-every 1000 --critic head \
 		--out $(BENCH)/ppo 2>&1 | grep -E "Maximum resident|Elapsed"
 	$(PY) -c "$$BOUND" $(BENCH)/prompts8.jsonl $(BENCH)/ppo
 

@@ -21,7 +21,7 @@ Choices, and where we depart from the usual recipe:
   last hidden states (one trained network: half the memory and compute; value gradients flow into the
   policy, vf_coef 0.1 keeps them small). At 135M the head did not learn (explained variance near 0
   whatever its lr, features or warm-up), while the whole critic at 1e-4 averaged +0.3 to +0.5 over
-  the last 10 of 20 steps (README, "The critic, tried again"). A critic that does not learn leaves
+  the last 10 of 20 steps (README, "Why the critic is a whole critic"). A critic that does not learn leaves
   GAE a λ-discounted return: the first token of a 35-token answer gets 0.95^34 ≈ 0.17 of the credit.
   val/explained_var shows whether it learns.
 - Old log-probs come from a teacher-forced forward after sampling, not from `generate`'s scores,

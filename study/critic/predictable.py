@@ -1,10 +1,10 @@
-"""How much of a rollout's score any critic could predict: the ceiling on val/explained_var (README, "The critic, tried again").
+"""How much of a rollout's score any critic could predict: the ceiling on val/explained_var (README, "Why the critic is a whole critic").
 
 A critic at response token t sees the prompt and the first t tokens. The best it can do is V_t = E[score | prefix_t],
 and the share of the score's variance that V_t explains is 1 - E[Var(score | prefix_t)] / Var(score). This
 estimates that share for the SFT policy the study's PPO runs start from (their step-1 rollouts, where KL = 0 and
 the return is the score): for N prompts, one sampled answer each; at t = 0, 1/4, 1/2 and 3/4 of its length, K
-continuations of its first t tokens, sampled as ppo.py samples (temperature 1, no top-k/top-p, 64 new tokens in
+continuations of its first t tokens, sampled as ppo.py samples but at temperature 1 (ppo.py's default is 0.7; no top-k/top-p, 64 new tokens in
 all); each scored by the reward model (normalised, as ppo.py's reward) and by the gold judge. Within a prefix the
 spread is what no critic can know; the one-way ANOVA estimate of the between-prefix share (the intraclass
 correlation, (MSB - MSW) / (MSB + (K-1) MSW)) is the ceiling at that depth, with a 95% interval that bootstraps

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The critic experiment of 2026-12-02 (README, "The critic, tried again"): the study's PPO run at β 0.2, seed 1,
+# The critic experiment of 2026-12-02 (README, "Why the critic is a whole critic"): the study's PPO run at β 0.2, seed 1,
 # with the value head on the frozen reward model's states instead of the policy's, started either as the
 # reward model's own normalised head or at zero. Needs the study's shared stages in runs/study (first
 # half of study/second_half.sh, checked against study/shared/SHA256SUMS). The variant is not on main:
@@ -43,7 +43,7 @@ main() {  # name, seed, --critic, --value-lr
 main whole-rm-1e-5 1 reward 1e-5 & main whole-rm-1e-4 1 reward 1e-4 & wait
 main whole-rm-1e-4-seed2 2 reward 1e-4 & main whole-rm-3e-4 1 reward 3e-4 & wait
 main head-1e-3 1 head 1e-3
-# how much of a rollout's score any critic could know at depth t of the answer (README, "The critic, tried again")
+# how much of a rollout's score any critic could know at depth t of the answer (README, "Why the critic is a whole critic")
 "$here/.venv/bin/python" study/critic/predictable.py runs/study 32 6
 "$here/.venv/bin/python" study/critic/summary.py runs/critic
 # the whole critic's cost against the head (README, "Speed and memory"): the study's PPO command, 3 steps, 2 threads,

@@ -1,4 +1,4 @@
-"""The critic experiment's table (README, "The critic, tried again"): explained variance and gold per run.
+"""The critic experiment's table (README, "Why the critic is a whole critic"): explained variance and gold per run.
 
     python study/critic/summary.py [DIR]     DIR: where run.sh wrote the runs (default: study/critic, the records)
 """
