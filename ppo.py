@@ -96,9 +96,9 @@ class Args:
     save_every: int = salsa.arg(50, "checkpoint every N steps (atomic; --resume continues)", low=1)
     sample_every: int = salsa.arg(10, "print and save a table of sampled responses every N steps", low=1)
     resume: bool = salsa.arg(False, "continue from the latest checkpoint in OUT.ckpt")
-    dtype: salsa.DType = salsa.arg("float32", "weights and AdamW state dtype of the policy and critic (and of the frozen "
-                                      "models, unless --frozen-dtype); bfloat16 halves memory but AdamW then updates "
-                                      "bf16 weights: no fp32 master copy, and at lr 2e-6 most updates round away")
+    dtype: salsa.DType = salsa.arg("float32", "weights and AdamW state dtype of the policy and critic (and of the "
+                                   "frozen models, unless --frozen-dtype); bfloat16 halves memory but AdamW then "
+                                   "updates bf16 weights: no fp32 master copy, and at lr 2e-6 most updates round away")
     frozen_dtype: Literal["", "float32", "bfloat16", "float16"] = salsa.arg(
         "", "weights dtype of the frozen reference(s) and reward model (empty: --dtype); bfloat16 halves their "
         "memory, their heads still run in fp32")

@@ -112,10 +112,11 @@ def init_reward_model(args, tok, checkpoint: str | None = None):
     """The SFT model with a new scalar head, or (resuming in one process) the reward model of a checkpoint."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
-    logging.set_verbosity_error()  # the head is missing from an SFT checkpoint by design: no load report,
+    # the head is missing from an SFT checkpoint by design: no load report; what else is missing is checked here
+    logging.set_verbosity_error()
     rm, loaded = salsa.from_pretrained(AutoModelForSequenceClassification, checkpoint or args.model, args.dtype,
                                        args.attn, args.allow_pickle, num_labels=1, output_loading_info=True)
-    if missing := set(loaded["missing_keys"]) - ({"score.weight"} if not checkpoint else set()):  # so it is checked
+    if missing := set(loaded["missing_keys"]) - ({"score.weight"} if not checkpoint else set()):
         raise salsa.InputError(f"{checkpoint or args.model}: {len(missing)} backbone tensors were not in its weights "
                                f"(e.g. {sorted(missing)[0]}): they would train from a random init")
     if len(tok) > rm.get_input_embeddings().weight.shape[0]:
