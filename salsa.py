@@ -714,9 +714,8 @@ def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperatu
 
     `hidden[..., i, :]` is the state that predicts `targets[..., i]`. Logits are divided by the
     sampling temperature (as in the rollout), computed in fp32 from the matmul on (a bf16 matmul
-    rounds them by ~0.015 nats per token under FSDP's bf16 compute: PPO's whole KL budget over a
-    512-token answer), and in chunks of at most
-    `max_logits` floats; under autograd each chunk is recomputed in backward (checkpointing), so a
+    rounds them by ~0.02 nats per token under FSDP's bf16 compute, tests/bf16_gap.py: PPO's whole KL
+    budget over a 512-token answer), and in chunks of at most `max_logits` floats; under autograd each chunk is recomputed in backward (checkpointing), so a
     256k vocabulary never holds (B*T, V) logits at once."""
     head_w = model.get_output_embeddings().weight.float()  # (V, d); a copy only for a bf16 model
     softcap = getattr(model.config, "final_logit_softcapping", None)

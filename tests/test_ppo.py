@@ -116,6 +116,18 @@ def test_sampling_is_the_plain_temperature_distribution_ppo_scores(setup, tok, t
     assert (probs > 0).all()  # no token filtered out by a top-k, top-p, min-p or suppress list
 
 
+def test_bf16_gap_measures_sampler_against_scorer(setup, tok):
+    """tests/bf16_gap.py (the README's bf16 sampling figures) finds no gap in fp32, where sampling equals
+    scoring, and finds one in bf16, where the cached decode rounds differently: the measurement can tell."""
+    from bf16_gap import gap
+    prompts = [salsa.prompt_ids(tok, p) for p in PROMPTS[:3]]
+    fp32 = gap(salsa.load_model(setup["a"], tok), tok, prompts, 0.7, 8, seed=0)
+    bf16 = gap(salsa.load_model(setup["a"], tok, dtype="bfloat16"), tok, prompts, 0.7, 8, seed=0)
+    assert fp32["tokens"] > 0 and bf16["tokens"] > 0
+    assert fp32["max_abs_token"] < 1e-4 and abs(fp32["kl_per_token"]) < 1e-6
+    assert bf16["mean_abs_token"] > 1e-4 and bf16["mean_abs_token"] > 100 * fp32["mean_abs_token"]
+
+
 def test_saved_policy_answers_greedily_whatever_the_seed(setup, tok):
     """A PPO policy saved after its rollouts (temperature 0.7) answers eval.py at --temperature 0 the
     same way under every seed: greedy is greedy, no sampling setting travels with the checkpoint."""
