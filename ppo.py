@@ -203,7 +203,10 @@ def ppo_losses(logp, old_logp, values, old_values, adv, returns, mask, cliprange
     """Clipped surrogate (Schulman 2017 eq. 7) and clipped value loss; token sums and statistics. Both
     clip fractions count one rule: the tokens whose loss is the clipped term (the max took it), so
     their gradient is 0."""
-    ratio = torch.exp(logp - old_logp)
+    # the log-ratio is zeroed off the mask before exp: after EOS it can exceed 88, exp overflows to
+    # inf, and 0 * inf is a NaN that the mask would not remove (from the loss nor from the gradient)
+    log_ratio = torch.where(mask.bool(), logp - old_logp, 0.0)
+    ratio = torch.exp(log_ratio)
     pg_plain, pg_clipped = -adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange)
     pg = torch.max(pg_plain, pg_clipped)  # PPO clip, eq. 7
     # clamp the value itself, not old + clamp(values - old): that sum rounds, so a value inside the range
@@ -212,7 +215,7 @@ def ppo_losses(logp, old_logp, values, old_values, adv, returns, mask, cliprange
     vf_plain, vf_clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
     vf = 0.5 * torch.max(vf_plain, vf_clipped)
     stats = {"ppo/clipfrac": (pg_clipped > pg_plain).float(), "ppo/ratio_mean": ratio,
-             "ppo/approx_kl": 0.5 * (logp - old_logp) ** 2, "ppo/vf_clipfrac": (vf_clipped > vf_plain).float()}
+             "ppo/approx_kl": 0.5 * log_ratio ** 2, "ppo/vf_clipfrac": (vf_clipped > vf_plain).float()}
     return (pg * mask).sum(), (vf * mask).sum(), {k: (v * mask).sum().item() for k, v in stats.items()}
 
 

@@ -152,6 +152,23 @@ def test_losses_ignore_masked_tokens():
     assert pg.item() == pg1.item() and vf.item() == vf1.item()
 
 
+def test_masked_log_ratio_that_overflows_exp_leaves_loss_and_gradient_finite():
+    """After EOS the policy's log-prob can rise 100 nats above the rollout's: exp(100) is inf in fp32, and
+    0 * inf is NaN, which multiplying by the mask does not remove. The loss and its gradient must be those
+    of the unmasked token alone."""
+    logp = torch.tensor([[0.1, 100.0]], requires_grad=True)
+    zeros, mask = torch.zeros(1, 2), torch.tensor([[1.0, 0.0]])
+    assert torch.exp(logp[0, 1]).isinf()  # the overflow this test is about
+    adv, values, returns = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.1, 0.0]]), torch.tensor([[0.5, 0.0]])
+    pg, _, stats = ppo.ppo_losses(logp, zeros, values, zeros, adv, returns, mask, 0.2, 0.2)
+    pg.backward()
+    # ratio e^0.1 = 1.105 is inside the clip range, A = 1: loss -e^0.1, its gradient -e^0.1; the masked token's 0
+    assert math.isclose(pg.item(), -math.exp(0.1), rel_tol=1e-6)
+    assert torch.allclose(logp.grad, torch.tensor([[-math.exp(0.1), 0.0]]))
+    assert math.isclose(stats["ppo/ratio_mean"], math.exp(0.1), rel_tol=1e-6)
+    assert math.isclose(stats["ppo/approx_kl"], 0.5 * 0.1 ** 2, rel_tol=1e-5)
+
+
 def test_adaptive_kl_controller():
     # KL 9 vs target 6: e = 0.5 clipped to 0.2; β = 0.1·(1 + 0.2·8/10000)
     assert math.isclose(ppo.adaptive_kl(0.1, 9.0, 6.0, 10000, 8), 0.1 * (1 + 0.2 * 8 / 10000))
