@@ -333,7 +333,9 @@ def load_tokenizer(path: str):
 
     Padding with EOS would make a padded position indistinguishable from a real stop, so when the
     tokenizer has no pad (or pad == eos) we take its unknown token if that is distinct, else add
-    `<|pad|>` (load_model then grows the embedding)."""
+    `<|pad|>` (load_model then grows the embedding). A chat template must close an assistant turn with
+    EOS: generation and PPO stop there, so a template that ends turns with another token (Gemma's
+    `<end_of_turn>`, with `<eos>` as EOS) would train a model that never stops."""
     from transformers import AutoTokenizer
     if not Path(path).is_dir() and not is_hub_name(path):
         raise InputError(f"{path}: no such model directory (nor a hub name org/model)")
@@ -346,6 +348,13 @@ def load_tokenizer(path: str):
     tok.padding_side = "left"
     if tok.chat_template is None:  # a base model (Llama-2-7B, Mistral-7B, Gemma-2B): the paper's own format
         tok.chat_template = BASE_CHAT_TEMPLATE
+    user = [{"role": "user", "content": "Hi"}]
+    turn = render(tok, user + [{"role": "assistant", "content": "Hello"}], where=path)
+    if tok.eos_token_id is None or tok.eos_token_id not in turn[len(render(tok, user, True, path)):]:
+        raise InputError(f"{path}: its chat template ends an assistant turn without the EOS token "
+                         f"{tok.eos_token!r}, so a model never learns to stop: set eos_token in its "
+                         "tokenizer_config.json to the token that ends a turn, or delete its chat template "
+                         "to use the paper's format")
     return tok
 
 

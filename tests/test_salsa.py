@@ -524,6 +524,21 @@ def test_load_tokenizer_pad_is_not_eos(tok):
     assert tok.pad_token_id == raw.unk_token_id  # <|endoftext|>: already in the vocabulary, no resize
 
 
+def test_load_tokenizer_refuses_a_template_whose_turns_do_not_end_with_eos(tmp_path, tok):
+    """Gemma's template closes a turn with <end_of_turn> while EOS is <eos>: SFT would learn to write
+    <end_of_turn>, generation stops only at EOS, and PPO would score text past the turn's end."""
+    gemma_like = AutoTokenizer.from_pretrained(tok.name_or_path)
+    gemma_like.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n"
+                                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    gemma_like.save_pretrained(tmp_path)
+    assert gemma_like.eos_token == "<|im_end|>"  # the premise: the turn's end token is not EOS
+    with pytest.raises(salsa.InputError, match=f"^{tmp_path}: its chat template ends an assistant turn without"):
+        salsa.load_tokenizer(str(tmp_path))
+    gemma_like.chat_template = gemma_like.chat_template.replace("<|endoftext|>", "<|im_end|>")
+    gemma_like.save_pretrained(tmp_path)
+    assert salsa.load_tokenizer(str(tmp_path)).eos_token == "<|im_end|>"  # the same template ending with EOS
+
+
 # ---------------------------------------------------------------- flags
 @dataclass
 class Flags:
