@@ -87,13 +87,23 @@ def load_answers(path: str, questions: list[dict]) -> tuple[str, dict]:
     """(model_id, {question id: answer turns}), refused unless every question's every turn is answered."""
     if not Path(path).is_file():
         raise salsa.InputError(f"{path}: no such answers file: make it with `eval.py answer --out {path}` first")
-    rows = salsa.read_jsonl(path)
-    answers = {str(r["question_id"]): r["choices"][0]["turns"] for r in rows}
+    rows, answers = salsa.read_jsonl(path), {}
+    for i, r in enumerate(rows, 1):
+        try:
+            qid, turns = str(r["question_id"]), r["choices"][0]["turns"]
+        except (KeyError, IndexError, TypeError):
+            turns = None
+        if not (isinstance(turns, list) and all(isinstance(t, str) for t in turns)):
+            raise salsa.InputError(f"{path} row {i}: not a FastChat answer row, "
+                                   '{"question_id": ..., "choices": [{"turns": ["...", ...]}]}')
+        if qid in answers:
+            raise salsa.InputError(f"{path} row {i}: question {qid} is answered twice: keep one row")
+        answers[qid] = turns
     for q in questions:
         if len(answers.get(str(q["id"]), [])) < len(q["turns"]):
             raise salsa.InputError(f"{path}: question {q['id']} has no answer to each of its {len(q['turns'])} turns: "
                              "run `eval.py answer` on this question file first")
-    return (rows[0]["model_id"] if rows else Path(path).stem), answers
+    return (rows[0].get("model_id") if rows else None) or Path(path).stem, answers
 
 
 def conversation(turns: list[str], answers: list[str], k: int):
@@ -130,12 +140,15 @@ def rewards(rm, pad_id: int, seqs: list[list[int]], batch_size: int) -> list[flo
 
 
 def answer(args: Args):
-    """Answers in FastChat's format, appended a batch of questions at a time; a rerun skips answered ids,
+    """Answers in FastChat's format, appended a batch of questions at a time (a row a kill cut short is
+    dropped and redone); a rerun skips answered ids,
     if they were made by the same model directory with the same decoding (each row records it: rows
     written before it did are taken as they are). A model retrained into the same directory is not seen."""
     model_id, out = args.model_id or Path(args.model).name, Path(args.out)
     questions = salsa.load_questions(args.questions, args.split, args.limit)
     made_by = {k: getattr(args, k) for k in ("model", "dtype", "temperature", "max_new_tokens", "max_prompt_len", "seed")}
+    if out.exists():
+        salsa.drop_cut_line(out)
     old = salsa.read_jsonl(out) if out.exists() else []
     done = {str(r["question_id"]): r["model_id"] for r in old}
     if set(done.values()) - {model_id}:

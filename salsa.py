@@ -944,14 +944,30 @@ def log_jsonl(path: str, row: dict):
         fh.write(json.dumps(row) + "\n")
 
 
+def drop_cut_line(path: str):
+    """A JSON-lines file that a killed run was appending to can end in a cut line: drop it (its row is redone)."""
+    text = Path(path).read_text()
+    if text and not text.endswith("\n"):
+        Path(path).write_text(text[:text.rfind("\n") + 1])
+        print(f"{path}: dropped its last line, cut short when a run was stopped")
+
+
 def truncate_log(path: str, step: int):
     """On resume: drop the rows an interrupted run logged past its checkpoint (they are redone)."""
     if Path(path).exists():
+        drop_cut_line(path)
         Path(path).write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r["step"] <= step))
 
 
 def read_jsonl(path: str) -> list[dict]:
-    return [json.loads(line) for line in open(path) if line.strip()]
+    """The rows of a JSON-lines file; a line that is not a JSON object is refused, naming the file and line."""
+    rows = []
+    for i, line in enumerate(open(path), 1):
+        try:
+            rows += [json.loads(line)] if line.strip() else []
+        except ValueError as e:
+            raise InputError(f"{path} line {i}: not JSON ({e}): fix or delete that line") from None
+    return rows
 
 
 # ---------------------------------------------------------------- reward models

@@ -383,9 +383,10 @@ def test_answers_format_second_turn_and_resume(lab, tok, capsys):
     second = salsa.prompt_ids(tok, ev.conversation(MT_BENCH[0]["turns"], ["FIRST ANSWER"], 1))
     text = tok.decode(second)
     assert text.index("haiku about rain") < text.index("FIRST ANSWER") < text.index("make it rhyme")
-    write_jsonl(out, rows[:1])  # as if killed after the first batch
+    write_jsonl(out, rows[:1])  # as if killed after the first batch, while writing the second's first row
+    out.write_text(out.read_text() + json.dumps(rows[1])[:40])
     log = run("answer", "--model", models[0], "--questions", qs, "--out", out, "--max-new-tokens", 6)
-    assert "1 questions answered before, 2 to go" in log and re.search(r"sft0.jsonl: \d of 4 answers cut at", log)
+    assert "sft0.jsonl: dropped its last line, cut short" in log and "1 questions answered before, 2 to go" in log and re.search(r"sft0.jsonl: \d of 4 answers cut at", log)
     again = salsa.read_jsonl(out)
     assert sorted(r["question_id"] for r in again) == [81, 82, 83] and again[0] == rows[0]
     ev.answer(salsa.parse_args(ev.Args, ["--model", models[0], "--questions", qs, "--out", str(out), "--max-new-tokens", "6"]))
@@ -470,3 +471,15 @@ def test_plots_are_optional(tmp_path, monkeypatch, capsys):
 def test_a_missing_answers_file_is_named(tmp_path):
     with pytest.raises(salsa.InputError, match=r"nope\.jsonl: no such answers file: make it with `eval.py answer"):
         ev.load_answers(str(tmp_path / "nope.jsonl"), [])
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"question_id": 1, "model_id": "m"}], "row 1: not a FastChat answer row"),
+    ([{"question_id": 1, "choices": [{"turns": "Hi"}]}], "row 1: not a FastChat answer row"),  # a str, not turns
+    ([{"question_id": 1, "choices": [{"turns": ["Hi"]}]}, {"question_id": "1", "choices": [{"turns": ["Yo"]}]}],
+     "row 2: question 1 is answered twice: keep one row"),
+], ids=["no choices", "turns not a list", "answered twice"])
+def test_a_bad_answers_row_is_named(tmp_path, rows, message):
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    with pytest.raises(salsa.InputError, match=f"^{path} {message}"):
+        ev.load_answers(path, [])

@@ -246,6 +246,16 @@ def test_prepare_out(tmp_path, model, tok):
     assert not Path(f"{done}.ckpt").exists()  # refused before writing anything
 
 
+def test_read_jsonl_names_the_bad_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(salsa.InputError, match=f"^{path} line 3: not JSON .*: fix or delete that line"):
+        salsa.read_jsonl(path)
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')  # a killed run's cut last line
+    salsa.truncate_log(path, 1)
+    assert path.read_text() == '{"step": 1}\n'
+
+
 def test_save_model_loads_and_writes_json(tmp_path, model, tok):
     out = tmp_path / "final"
     salsa.save_model(str(out), model, tok, files={"metrics.json": {"loss": 1.5, "steps": [1, 2]}})
