@@ -17,7 +17,9 @@ Choices, and where we depart from the paper or FastChat:
   from data/judge_prompts.jsonl = FastChat's fastchat/llm_judge/data/judge_prompts.jsonl, verbatim (Apache-2.0).
   FastChat would grade math and coding against reference answers (pair-math-v1); the paper does not.
 - Each pair is judged in both orders; verdicts that disagree make a tie (FastChat's rule); a reply with no
-  verdict is asked again (--retries), then is an error, counted apart, never a win. Win rate = win / n,
+  verdict is asked again (--retries), then is an error, counted apart, never a win. The verdict is the reply's
+  last [[A]]/[[B]]/[[C]] (a judge that reasons aloud may name another first); FastChat takes [[A]] if it appears
+  anywhere, else [[B]], else [[C]], so a reply holding both [[A]] and a final [[B]] is A's win there. Win rate = win / n,
   adjusted = (win + tie / 2) / n with n = win + loss + tie (Tables 1-5); the bootstrap interval is ours (it
   resamples questions, a question's turns together).
 - The reward of (x, y) is the reward model on prompt_ids(x) + y + EOS, the sequence PPO scores when y ended
@@ -73,7 +75,7 @@ class Args:
     retries: int = salsa.arg(6, "api: retries on 429, 5xx and timeouts (the openai client's, with backoff and "
                                 "Retry-After), and on replies with no verdict", low=0)
     timeout: float = salsa.arg(120.0, "api: seconds per request")
-    tie_margin: float = salsa.arg(0.0, "rm/py judges: scores closer than this are a tie")
+    tie_margin: float = salsa.arg(0.0, "rm/py judges: scores at most this far apart are a tie (0: only equal ones)")
     bootstrap: int = salsa.arg(1000, "judge: bootstrap resamples (of questions, with all their turns) of the "
                                      "95-percent interval of the adjusted win rate", low=1)
     seed: int = salsa.arg(0, "seed of sampling and of the bootstrap")
@@ -139,22 +141,38 @@ def rewards(rm, pad_id: int, seqs: list[list[int]], batch_size: int) -> list[flo
     return out
 
 
+def weights_digest(path: str) -> str:
+    """A sha256 of a model directory's weight files (0.4 s per 540 MB on 2 cores; about 20 s for a 7B model in
+    fp32), '' for a hub name. `answer` records it: a model retrained into the same directory, whose path and
+    flags are the same, would otherwise have the old model's answers taken as its own."""
+    files = sorted(p for p in Path(path).glob("*") if p.suffix in (".safetensors", ".bin")) if Path(path).is_dir() else []
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            h.update(f.name.encode() + hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()[:16] if files else ""
+
+
 def answer(args: Args):
     """Answers in FastChat's format, appended a batch of questions at a time (a row a kill cut short is
-    dropped and redone); a rerun skips answered ids,
-    if they were made by the same model directory with the same decoding (each row records it: rows
-    written before it did are taken as they are). A model retrained into the same directory is not seen."""
+    dropped and redone); a rerun skips answered ids, if they were made by the same model directory, holding
+    the same weights, with the same decoding (each row records it: rows written before it did are taken as
+    they are)."""
     model_id, out = args.model_id or Path(args.model).name, Path(args.out)
     questions = salsa.load_questions(args.questions, args.split, args.limit)
     made_by = {k: getattr(args, k) for k in ("model", "dtype", "temperature", "max_new_tokens", "max_prompt_len", "seed")}
+    made_by["weights"] = weights_digest(args.model)
     if out.exists():
         salsa.drop_cut_line(out)
     old = salsa.read_jsonl(out) if out.exists() else []
     done = {str(r["question_id"]): r["model_id"] for r in old}
     if set(done.values()) - {model_id}:
         raise salsa.InputError(f"{out} holds answers of another model than {model_id}: choose another --out")
-    if other := next((r["made_by"] for r in old if r.get("made_by", made_by) != made_by), None):
-        diff = ", ".join(f"--{k.replace('_', '-')} {other.get(k)} (now {v})" for k, v in made_by.items() if other.get(k) != v)
+    # a row compares on what it recorded (older rows lack the weights, the oldest everything); no digest: a hub name
+    differs = lambda was: {k: v for k, v in made_by.items() if k in was and was[k] != v and (v or k != "weights")}
+    if other := next((r["made_by"] for r in old if differs(r.get("made_by", {}))), None):
+        diff = ", ".join(f"weights of sha256 {other[k]} (now {v}: a model retrained into {args.model}?)" if k == "weights"
+                         else f"--{k.replace('_', '-')} {other[k]} (now {v})" for k, v in differs(other).items())
         raise salsa.InputError(f"{out} holds answers made with {diff}: choose another --out, or delete it to redo them")
     todo = [q for q in questions if str(q["id"]) not in done]
     print(f"{out}: {len(questions) - len(todo)} questions answered before, {len(todo)} to go")
@@ -335,14 +353,17 @@ def summary(outcomes: list[str], questions: list[str], n_boot: int, seed: int) -
 
 
 def write_table(out: str, new: list[dict]):
-    """CSV and Markdown like the paper's Tables 2-5; rows of other datasets and pairs already there are kept."""
-    path, done = Path(f"{out}.csv"), {(r["dataset"], r["model"], r["opponent"]) for r in new}
+    """CSV and Markdown like the paper's Tables 2-5; rows of other datasets, judges and pairs already there are
+    kept (a reward-model judging of a pair does not replace its GPT-4 row)."""
+    key = lambda r: (r["dataset"], r.get("judge"), r["model"], r["opponent"])
+    path, done = Path(f"{out}.csv"), {key(r) for r in new}
     old = list(csv.DictReader(open(path))) if path.exists() else []
-    rows = [r for r in old if (r["dataset"], r["model"], r["opponent"]) not in done] + new
+    rows = [r for r in old if key(r) not in done] + new
     write_csv(path, rows)
-    lines = ["| Dataset | Comparison | Win | Loss | Tie | Win Rate | Adj. Win Rate | Adj. 95% CI | Errors |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['dataset']} | {r['model']} vs {r['opponent']} | {r['win']} | {r['loss']} | {r['tie']} | "
+    print(f"wrote {path}")
+    lines = ["| Dataset | Judge | Comparison | Win | Loss | Tie | Win Rate | Adj. Win Rate | Adj. 95% CI | Errors |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['dataset']} | {r.get('judge', '')} | {r['model']} vs {r['opponent']} | {r['win']} | {r['loss']} | {r['tie']} | "
               f"{float(r['win_rate']):.2f} | {float(r['adj_win_rate']):.2f} | "
               f"[{float(r['ci_low']):.2f}, {float(r['ci_high']):.2f}] | {r['error']} |" for r in rows]
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
@@ -413,15 +434,27 @@ def write_csv(path: Path, rows: list[dict]):
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    print(f"wrote {path}")
+
+
+def check_new(out: str):
+    """alpha-line and plane write a new folder, refused before their soups are computed if it exists."""
+    if Path(out).exists():
+        raise salsa.InputError(f"{out} already exists: choose another --out or delete it")
+
+
+def write_figure(out: str, name: str, rows: list[dict], draw):
+    """OUT/name.csv and OUT/name.png, written together (salsa.save_atomic): the recipe skips an analysis
+    whose folder exists, so a crash or a Ctrl-C while plotting must leave no folder holding the CSV alone."""
+    salsa.save_atomic(out, lambda tmp: (write_csv(Path(tmp, f"{name}.csv"), rows), salsa.plot(Path(tmp, f"{name}.png"), draw)))
+    print(f"wrote {Path(out, name)}.csv" + (" and .png" if Path(out, f"{name}.png").exists() else ""))
 
 
 def alpha_line(args: Args):
     if len(args.models) != 2:
         raise salsa.InputError("alpha-line needs --models REF OTHER (soup = (1 - alpha) REF + alpha OTHER, eq. 3)")
+    check_new(args.out)
     rows = [{"alpha": a, **reward_stats(x), "n": len(x), **({"mean_gold": sum(g) / len(g)} if g else {})}
             for a, (x, g) in zip(args.alphas, soup_rewards(args, [[1 - a, a] for a in args.alphas]))]
-    write_csv(Path(args.out, "alpha_line.csv"), rows)
 
     def draw(plt):
         plt.errorbar(args.alphas, [r["mean_reward"] for r in rows], [r["stderr"] for r in rows], marker="o", capsize=3)
@@ -431,7 +464,7 @@ def alpha_line(args: Args):
             ax = plt.gca().twinx()
             ax.plot(args.alphas, [r["mean_gold"] for r in rows], "s--", color="tab:orange")
             ax.set_ylabel(f"mean score of {args.judge[3:]} (squares)", color="tab:orange")
-    salsa.plot(Path(args.out, "alpha_line.png"), draw)
+    write_figure(args.out, "alpha_line", rows, draw)
 
 
 def plane(args: Args):
@@ -439,6 +472,7 @@ def plane(args: Args):
     barycentric coordinates as weights, negative outside the triangle."""
     if len(args.models) != 3:
         raise salsa.InputError("plane needs --models A B C: three SFT models of one base")
+    check_new(args.out)
     h = 3**0.5 / 2
     xs = torch.linspace(-args.margin, 1 + args.margin, args.grid, dtype=torch.float64).tolist()
     ys = torch.linspace(-args.margin, h + args.margin, args.grid, dtype=torch.float64).tolist()
@@ -446,16 +480,16 @@ def plane(args: Args):
     weights = [[1 - x - y / (2 * h), x - y / (2 * h), y / h] for x, y in pts]
     rows = [{"x": x, "y": y, "w1": w[0], "w2": w[1], "w3": w[2], **reward_stats(r)}
             for (x, y), w, (r, _) in zip(pts, weights, soup_rewards(args, weights))]
-    write_csv(Path(args.out, "plane.csv"), rows)
 
     def draw(plt):
         grid = [[r["mean_reward"] for r in rows[i:i + args.grid]] for i in range(0, len(rows), args.grid)]
-        plt.imshow(grid, origin="lower", extent=[xs[0], xs[-1], ys[0], ys[-1]], cmap="viridis")
+        dx, dy = (xs[1] - xs[0]) / 2, (ys[1] - ys[0]) / 2  # each cell centred on its grid point, not cornered there
+        plt.imshow(grid, origin="lower", extent=[xs[0] - dx, xs[-1] + dx, ys[0] - dy, ys[-1] + dy], cmap="viridis")
         plt.colorbar(label="mean reward")
         plt.plot([0, 1, 0.5, 0], [0, 0, h, 0], "w:")
         for x, y, name in zip([0, 1, 0.5], [0, 0, h], args.models):
             plt.annotate(Path(name).name, (x, y), color="white", ha="center")
-    salsa.plot(Path(args.out, "plane.png"), draw)
+    write_figure(args.out, "plane", rows, draw)
 
 
 def reward_hist(args: Args):
@@ -468,7 +502,7 @@ def reward_hist(args: Args):
     args.judge = f"rm:{args.reward}"
     rows = [{"model": name, "question_id": qid, "turn": k + 1, "reward": v}
             for name, s in local_scores(args, runs, units).items() for (qid, _, k), v in zip(units, s)]
-    write_csv(Path(args.out, "reward_hist.csv"), rows)
+    write_csv(Path(args.out, "reward_hist.csv"), rows)  # the recipe reruns it every time: it overwrites
 
     def draw(plt):
         every = [r["reward"] for r in rows]
@@ -480,6 +514,7 @@ def reward_hist(args: Args):
         plt.xlabel("reward")
         plt.legend()
     salsa.plot(Path(args.out, "reward_hist.png"), draw)
+    print(f"wrote {Path(args.out, 'reward_hist')}.csv" + (" and .png" if Path(args.out, "reward_hist.png").exists() else ""))
 
 
 COMMANDS = {"answer": answer, "judge": judge, "alpha-line": alpha_line, "plane": plane, "reward-hist": reward_hist}

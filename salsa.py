@@ -750,18 +750,18 @@ def lr_lambda(step: int, total: int, warmup: int, schedule: str = "linear") -> f
 
 
 def plot(png: Path, draw):
-    """Call draw(pyplot) and save the figure; matplotlib is optional: without it the .csv is the result."""
+    """Call draw(pyplot) and save the figure (the caller says where it wrote: `png` may be in a temp dir);
+    matplotlib is optional: without it the .csv is the result."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return print(f"{png} not drawn: plots need `pip install matplotlib` (the numbers are in the .csv)")
+        return print(f"{png.name} not drawn: plots need `pip install matplotlib` (the numbers are in the .csv)")
     draw(plt)
     plt.tight_layout()
     plt.savefig(png, dpi=120)
     plt.close()
-    print(f"wrote {png}")
 
 
 # ---------------------------------------------------------------- checkpoints and logs

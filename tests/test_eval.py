@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -328,7 +329,7 @@ def test_judge_api_end_to_end(stub, tmp_path):
     assert [rows["ppo", "salsa"][k] for k in ("win", "loss", "tie", "error")] == ["0", "3", "0", "1"]
     assert [rows["salsa", "sft"][k] for k in ("win", "loss", "tie", "error")] == ["3", "0", "1", "0"]
     assert float(rows["salsa", "sft"]["adj_win_rate"]) == 87.5 and float(rows["salsa", "sft"]["win_rate"]) == 75.0
-    assert "| MT-Bench | salsa vs sft | 3 | 0 | 1 | 75.00 | 87.50 |" in (tmp_path / "table.md").read_text()
+    assert "| MT-Bench | stub | salsa vs sft | 3 | 0 | 1 | 75.00 | 87.50 |" in (tmp_path / "table.md").read_text()
     run("judge", *flags)
     assert len(stub.requests) == 28 + 4 * 2  # every verdict came from the cache; the 4 errors were asked again
 
@@ -349,6 +350,16 @@ def test_local_judge_and_table_merge(tmp_path, monkeypatch):
     rows = list(csv.DictReader(open(tmp_path / "t.csv")))
     assert [(r["dataset"], r["model"]) for r in rows] == [("uf", "A"), ("uf", "B"), ("arena", "A"), ("arena", "B")]
     assert [rows[0][k] for k in ("win", "loss", "tie")] == ["1", "1", "1"]  # 11 vs 5, 2 vs 6, 3 vs 4 (within 1.5)
+    # another judge of the same pairs adds its rows beside the first judge's, and the table names each judge
+    (tmp_path / "short_judge.py").write_text("def score(question, answer):\n    return -len(answer)\n")
+    ev.judge(salsa.parse_args(ev.Args, [*map(str, flags[:-4]), "--judge", "py:short_judge:score", "--out",
+                                        str(tmp_path / "t"), "--dataset", "arena"]))
+    rows = list(csv.DictReader(open(tmp_path / "t.csv")))
+    assert [(r["dataset"], r["judge"], r["model"]) for r in rows][2:] == [
+        ("arena", "py:length_judge:score", "A"), ("arena", "py:length_judge:score", "B"),
+        ("arena", "py:short_judge:score", "A"), ("arena", "py:short_judge:score", "B")]
+    assert [rows[4][k] for k in ("win", "loss", "tie")] == ["2", "1", "0"]  # the shorter wins: 11 vs 5, 2 vs 6, 3 vs 4
+    assert "| arena | py:short_judge:score | A vs B | 2 | 1 | 0 |" in (tmp_path / "t.md").read_text()
 
 
 # ---------------------------------------------------------------- answers and reward analyses
@@ -392,11 +403,27 @@ def test_answers_format_second_turn_and_resume(lab, tok, capsys):
     ev.answer(salsa.parse_args(ev.Args, ["--model", models[0], "--questions", qs, "--out", str(out), "--max-new-tokens", "6"]))
     assert "3 questions answered before, 0 to go" in capsys.readouterr().out
     # answers of another model directory, or decoded otherwise, are not taken as this run's
-    for flags, diff in ((["--model", models[1], "--model-id", "sft0", "--max-new-tokens", "6"], f"--model {models[0]} \\(now {models[1]}\\)"),
+    for flags, diff in ((["--model", models[1], "--model-id", "sft0", "--max-new-tokens", "6"], f"--model {models[0]} \\(now {models[1]}\\), weights of sha256 [0-9a-f]{{16}} \\(now [0-9a-f]{{16}}: .*\\)"),
                         (["--model", models[0], "--max-new-tokens", "16"], r"--max-new-tokens 6 \(now 16\)")):
         with pytest.raises(salsa.InputError, match=f"sft0.jsonl holds answers made with {diff}: choose another --out"):
             ev.answer(salsa.parse_args(ev.Args, [*map(str, flags), "--questions", str(qs), "--out", str(out)]))
     assert salsa.read_jsonl(out) == again
+    # a model retrained into the same directory: same path, same flags, other weights
+    retrained = d / "retrained"
+    shutil.copytree(models[0], retrained)
+    run("answer", "--model", retrained, "--questions", qs, "--out", d / "retrained.jsonl", "--max-new-tokens", 6)
+    shutil.copy(Path(models[1]) / "model.safetensors", retrained / "model.safetensors")
+    with pytest.raises(salsa.InputError, match=r"retrained\.jsonl holds answers made with weights of sha256 [0-9a-f]{16} "
+                                               r"\(now [0-9a-f]{16}: a model retrained into .*retrained\?\)"):
+        ev.answer(salsa.parse_args(ev.Args, ["--model", str(retrained), "--questions", str(qs), "--out",
+                                             str(d / "retrained.jsonl"), "--max-new-tokens", "6"]))
+    # rows from before the digest was recorded are taken as they are
+    rows = salsa.read_jsonl(d / "retrained.jsonl")
+    write_jsonl(d / "retrained.jsonl", [{**r, "made_by": {k: v for k, v in r["made_by"].items() if k != "weights"}}
+                                        for r in rows])
+    ev.answer(salsa.parse_args(ev.Args, ["--model", str(retrained), "--questions", str(qs), "--out",
+                                         str(d / "retrained.jsonl"), "--max-new-tokens", "6"]))
+    assert "3 questions answered before, 0 to go" in capsys.readouterr().out
 
 
 def test_generate_strips_the_eos_and_counts_the_cut(tok, monkeypatch):
@@ -460,6 +487,25 @@ def test_analyses_write_data_and_plots(lab):
         ev.reward_hist(salsa.parse_args(ev.Args, ["--reward", rm_path, "--questions", qs, "--out", str(d / "none")]))
     for png in ("fig2ab/alpha_line.png", "fig2c/plane.png", "fig3/reward_hist.png"):
         assert (d / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_analysis_that_fails_while_plotting_leaves_no_folder(lab, monkeypatch):
+    """The recipe skips an analysis whose folder exists: a failed plot must not leave the CSV there alone,
+    and an existing folder is refused before any soup is computed, not overwritten."""
+    d, models, rm_path, qs = lab
+    args = ["--models", *models[:2], "--alphas", "0", "1", "--reward", rm_path, "--questions", qs, "--max-new-tokens", "2"]
+
+    def broken(png, draw):
+        raise RuntimeError("the plot failed")
+    monkeypatch.setattr(salsa, "plot", broken)
+    with pytest.raises(RuntimeError, match="the plot failed"):
+        ev.alpha_line(salsa.parse_args(ev.Args, [*args, "--out", str(d / "broken")]))
+    assert not [p for p in d.iterdir() if "broken" in p.name]  # neither the folder nor its temp dir
+    monkeypatch.setattr(ev, "soup_rewards", lambda *a: pytest.fail("computed the soups of a refused --out"))
+    (d / "done").mkdir()
+    for command, three in ((ev.alpha_line, []), (ev.plane, models[2:])):
+        with pytest.raises(salsa.InputError, match=r"done already exists: choose another --out or delete it"):
+            command(salsa.parse_args(ev.Args, [*args[:3], *three, *args[3:], "--out", str(d / "done")]))
 
 
 def test_plots_are_optional(tmp_path, monkeypatch, capsys):
