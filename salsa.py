@@ -1231,6 +1231,11 @@ def recipe(a: Recipe):
                                                       "--alpha", x, "--init-kl-coef", 0.01]) for x in (0.25, 0.75)}}
     if study and a.ablations and a.ablation_beta not in a.betas:  # each ablation is compared with SALSA at its β
         sys.exit(f"--ablation-beta {a.ablation_beta:g}: give one of --betas {' '.join(f'{b:g}' for b in a.betas)}")
+    # gibberish and kl-hack are PPO at β 0.01 and SALSA at β 0.2: a study would run them at --ablation-beta, under
+    # a name that says otherwise (ppo-beta0.01-beta0.2), while its grid already has every method at every β
+    if study and (grid_runs := [x for x in a.ablations if x in ("gibberish", "kl-hack")]):
+        sys.exit(f"--ablations {' '.join(grid_runs)}: in a study these are runs of the grid (PPO at β 0.01, "
+                 "SALSA at β 0.2): give those β in --betas")
     if a.questions:  # read now, not after every stage has run
         load_questions(a.questions, QUESTIONS_SPLIT)
     if set(a.ablations) - set(extra):
@@ -1416,7 +1421,8 @@ def write_study(a: Study, R: Path, runs: list[str], questions: str, answers: dic
           for r in csv.DictReader(open(R / "results" / "reward_hist" / "reward_hist.csv")) if r["turn"] == "1"}
     text = {n: {str(r["question_id"]): r["choices"][0]["turns"][0] for r in read_jsonl(p)} for n, p in answers.items()}
     score = {"gold": lambda n, q, p: float(gold(p, text[n][q])), "rm": lambda n, q, p: rm[n, q]}
-    per_q = lambda what, names, half: torch.tensor([[score[what](n, q, p) for q, p in halves[half]] for n in names])
+    per_q = lambda what, names, half: torch.tensor([[score[what](n, q, p) for q, p in halves[half]] for n in names],
+                                                   dtype=torch.float64)  # float32 would print 0 as -1e-10
     logs = {n: read_jsonl(R / f"{n}.ckpt" / "metrics.jsonl") for n in runs}
     last = lambda n, k: sum(m.get(k, float("nan")) for m in logs[n][-5:]) / len(logs[n][-5:])
     methods = dict.fromkeys(["ppo", "salsa"] + [n.rsplit("-beta", 1)[0] for n in runs])  # the grid's, then ablations
@@ -1433,7 +1439,9 @@ def write_study(a: Study, R: Path, runs: list[str], questions: str, answers: dic
     lines += [f"β chosen on dev: PPO {best['ppo']:g}, SALSA {best['salsa']:g}.", "",
               f"- Gold score difference, SALSA − PPO: {fmt(bootstrap(salsa_g - ppo_g, a.boot))}",
               f"- Adjusted win rate of SALSA over PPO (gold; a tie counts half), %: "
-              f"{fmt(tuple(100 * v for v in bootstrap(wins, a.boot)))}", "",
+              f"{fmt(tuple(100 * v for v in bootstrap(wins, a.boot)))}: SALSA scores higher on "
+              f"{int((salsa_g > ppo_g).sum())}, PPO on {int((salsa_g < ppo_g).sum())} and both the same on "
+              f"{int((salsa_g == ppo_g).sum())} of the {salsa_g.numel()} (question, seed) pairs", "",
               "## Every (method, β), test half", "", "| Method | β | Gold (dev) | Gold, test [95% CI] | Reward (RM) | "
               "KL to init | KL to reference | Answer words | No-EOS rate | Explained var. |", "|---|---:|" + "---:|" * 8]
     for (m, b), names in grid.items():

@@ -6,7 +6,8 @@ First the starting points (the SFT pair and the soup, greedy): gold on the dev h
 half (odd rows), and the reward model's test score (results/reward_hist). For each run: gold − SFT on all 256
 questions (bootstrap over questions), the reward model's test score, KL to init (mean of the last 5 steps); and
 over each run's whole training: the rollouts' entropy, mean response length, explained
-variance and no-EOS share (their ranges). The questions are the task's, rebuilt with the study's seed
+variance and no-EOS share (their ranges). Last, SALSA − PPO at each β on the test half, paired by seed and
+question (bootstrap over both, as the report's), with how many pairs each method scores higher on. The questions are the task's, rebuilt with the study's seed
 and sizes (salsa.py task), which study/shared/SHA256SUMS pins."""
 import csv
 import sys
@@ -26,7 +27,7 @@ with tempfile.TemporaryDirectory() as tmp:
 
 def gold(name: str) -> torch.Tensor:
     answers = {str(r["question_id"]): r["choices"][0]["turns"][0] for r in salsa.read_jsonl(S / "answers" / f"{name}.jsonl")}
-    return torch.tensor([salsa.gold_score(p, answers[q]) for q, p in qs])  # (questions,)
+    return torch.tensor([salsa.gold_score(p, answers[q]) for q, p in qs], dtype=torch.float64)  # (questions,)
 
 
 test = {q for q, _ in qs[1::2]}  # the test half's question ids (odd rows)
@@ -56,3 +57,16 @@ for run in sorted(p.name for p in (S / "metrics").iterdir()):
     print(f"| {run} | {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] | {rm_test(run):.3f} | {sum(r['objective/kl_init'] for r in logs[-5:]) / 5:.2f} | "
           f"{span('objective/entropy')} | {span('objective/response_len')} | {span('val/explained_var')} | "
           f"{span('objective/no_eos_frac')} |")
+
+print()
+print("| β | SALSA − PPO, test [95% CI] | SALSA higher | PPO higher | same |")
+print("|---:|---:|---:|---:|---:|")
+names = sorted(p.name for p in (S / "metrics").iterdir())
+for beta in sorted({n.split("-beta")[1].split("-seed")[0] for n in names if n.startswith("ppo-beta")}, key=float):
+    seeds = [n.split("-seed")[1] for n in names if n.startswith(f"ppo-beta{beta}-seed")]
+    both = [(f"ppo-beta{beta}-seed{s}", f"salsa-beta{beta}-seed{s}") for s in seeds if f"salsa-beta{beta}-seed{s}" in names]
+    ppo, salsa_ = (torch.stack([gold(pair[i])[1::2] for pair in both]) for i in (0, 1))  # (seeds, test questions)
+    mean, lo, hi = salsa.bootstrap(salsa_ - ppo, 2000)
+    mean = round(mean, 9) + 0.0  # thirds of a gold score sum to -1e-17, not 0: no "-0.000"
+    print(f"| {beta} | {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] | {int((salsa_ > ppo).sum())} | {int((salsa_ < ppo).sum())} | "
+          f"{int((salsa_ == ppo).sum())} |")

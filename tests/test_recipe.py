@@ -4,6 +4,7 @@ end on a tiny random-init model: every stage, results.md with its tables and plo
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -207,6 +208,10 @@ def test_recipe_refuses_unknown_ablation_before_any_work(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "salsa.py"), "study", "--out", str(tmp_path / "r"), "--ablations",
                           "mkl", "--ablation-beta", "0.3"], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert res.returncode != 0 and "--ablation-beta 0.3: give one of --betas 0.01 0.05 0.2" in res.stderr
+    # the recipe's gibberish and kl-hack are grid runs of a study (they ran at --ablation-beta, misnamed)
+    res = subprocess.run([sys.executable, str(ROOT / "salsa.py"), "study", "--out", str(tmp_path / "r"), "--ablations",
+                          "mkl", "gibberish"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert res.returncode != 0 and "--ablations gibberish: in a study these are runs of the grid" in res.stderr
     assert not (tmp_path / "r").exists()
 
 
@@ -251,6 +256,15 @@ def test_study_end_to_end(toy_recipe):
             for half in (questions[0::2], questions[1::2])]  # dev (even rows), test (odd rows)
     cells = next(line for line in md.splitlines() if line.startswith("| ppo | 0.2 |")).split("|")
     assert cells[3].strip() == f"{gold[0]:.3f}" and cells[4].strip().startswith(f"{gold[1]:.3f} [")
+    # the primary comparison's counts, from the answer files of the β each method picked
+    picked = re.search(r"β chosen on dev: PPO ([\d.]+), SALSA ([\d.]+)\.", md).groups()
+    test_gold = {m: [salsa.gold_score(q["prompt"], a[q["prompt_id"]]) for q in questions[1::2]]
+                 for m, b in zip(("ppo", "salsa"), picked)
+                 for a in [{r["question_id"]: r["choices"][0]["turns"][0]
+                            for r in salsa.read_jsonl(s / "answers" / f"{m}-beta{b}-seed3.jsonl")}]}
+    pairs = list(zip(test_gold["salsa"], test_gold["ppo"]))
+    assert (f"SALSA scores higher on {sum(x > y for x, y in pairs)}, PPO on {sum(x < y for x, y in pairs)} and both the "
+            f"same on {sum(x == y for x, y in pairs)} of the {len(pairs)} (question, seed) pairs") in md
     for png in ("frontier.png", "curves.png"):
         assert (s / png).read_bytes()[:4] == b"\x89PNG"
 
