@@ -114,6 +114,9 @@ def test_bootstrap_interval():
     assert a["ci_low"] == pytest.approx(100 - b["ci_high"]) and a["ci_high"] == pytest.approx(100 - b["ci_low"])
     half_width = 100 * 1.96 * (1 / 6 / 120) ** 0.5  # normal approximation: outcomes 1, 1/2, 0 have variance 1/6
     assert a["ci_high"] - a["ci_low"] == pytest.approx(2 * half_width, rel=0.2)
+    # a 95% interval, not a 90% one: of 3 questions (win, win, loss) every draw is the loss with probability
+    # 1/27 = 3.7%, inside the lower 5% tail and outside the 2.5% one: the interval reaches 0
+    assert (lambda s: (s["ci_low"], s["ci_high"]))(ev.summary(["win", "win", "loss"], ["1", "2", "3"], 4000, 0)) == (0.0, 100.0)
 
 
 def test_bootstrap_resamples_questions_not_turns():
@@ -132,6 +135,10 @@ def test_bootstrap_resamples_questions_not_turns():
     assert (s["error"], s["adj_win_rate"]) == (3, 50.0)  # (1 + 0 + 1/2) / 3
     # resamples of questions 1 (1 of 1) and 3 (1/2 of 2): 100, 50 or 25, never the 0 of question 3's loss alone
     assert (s["ci_low"], s["ci_high"]) == (25.0, 100.0)
+    # each resample's rate counts turns (20 wins of one turn, 20 losses of four: 20 of 100), not the mean of its
+    # questions' rates, which would centre the interval on 50
+    s = ev.summary(["win"] * 20 + ["loss"] * 80, [f"w{i}" for i in range(20)] + [f"l{i // 4}" for i in range(80)], 2000, 0)
+    assert s["adj_win_rate"] == 20.0 and s["ci_low"] < 20.0 < s["ci_high"] < 40.0
 
 
 def test_judge_prompts_are_fastchats():

@@ -146,18 +146,32 @@ def test_saved_policy_answers_greedily_whatever_the_seed(setup, tok):
 
 
 def test_kl_is_zero_for_sft_and_positive_for_soup_and_mkl_is_the_mean(setup):
-    """Also KL(π‖π_init), the same quantity for every reference, and the gold judge on the rollouts."""
+    """Also KL(π‖π_init), the same quantity for every reference, the gold judge on the rollouts, the soup's α, the
+    missing-EOS penalty, and a micro-batch size that leaves the gradient as it is."""
     d = setup["dir"]
     run("ppo.py", *ppo_args(setup, d / "k_sft", "--ref", "sft", "--model", setup["a"], "--steps", 2,
                             "--kl-estimator", "k3", "--gold", "py:tests.goldprobe:score"), env={"GOLD_LOG": d / "gold"})
     run("ppo.py", *ppo_args(setup, d / "k_soup", "--ref", "soup", "--soup-models", setup["a"], setup["b"], "--steps", 2,
-                            "--critic", "head"))
+                            "--critic", "head", "--missing-eos-penalty", 5))
     run("ppo.py", *ppo_args(setup, d / "k_other", "--ref", "soup", "--model", setup["a"], "--soup", setup["b"],
                             "--steps", 1))
     run("ppo.py", *ppo_args(setup, d / "k_mkl", "--ref", "mkl", "--soup-models", setup["a"], setup["b"], "--steps", 1))
-    sft, soup, other, mkl = (first_row(d / n) for n in ("k_sft", "k_soup", "k_other", "k_mkl"))
+    # eq. 3 at α 1 is the second model alone; k_other again with the minibatch in one micro-batch of 4, not 2 of 2
+    run("ppo.py", *ppo_args(setup, d / "k_alpha1", "--ref", "soup", "--soup-models", setup["a"], setup["b"], "--alpha", 1,
+                            "--steps", 1))
+    run("ppo.py", *ppo_args(setup, d / "k_other4", "--ref", "soup", "--model", setup["a"], "--soup", setup["b"],
+                            "--steps", 1, "--micro-batch", 4))
+    sft, soup, other, mkl, alpha1, other4 = (first_row(d / n) for n in ("k_sft", "k_soup", "k_other", "k_mkl",
+                                                                        "k_alpha1", "k_other4"))
     assert sft["objective/kl"] == 0.0
     assert soup["objective/kl"] > 0.0
+    assert alpha1["objective/kl"] == pytest.approx(other["objective/kl"], rel=1e-6) and other["objective/kl"] > 0
+    # the loss is a token mean over the whole minibatch however it is split: the same gradient
+    assert other4["ppo/grad_norm_last"] == pytest.approx(other["ppo/grad_norm_last"], rel=1e-4)
+    # the same rollouts (one seed) and reward model: --missing-eos-penalty 5 against 1 takes 4 more from each
+    # response that did not stop, and nothing from one that did
+    assert sft["objective/no_eos_frac"] == soup["objective/no_eos_frac"] > 0
+    assert soup["objective/score"] == pytest.approx(sft["objective/score"] - 4 * sft["objective/no_eos_frac"], abs=1e-5)
     # KL to init: 0 while π = π_init (step 1) whatever the reference, then the k1 estimate of the policy's drift
     assert [r["objective/kl_init"] for r in (sft, soup, other, mkl)] == [0.0] * 4
     sft2, soup2 = (salsa.read_jsonl(f"{d / n}.ckpt/metrics.jsonl")[1] for n in ("k_sft", "k_soup"))

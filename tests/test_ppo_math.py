@@ -132,6 +132,22 @@ def test_clipped_losses_by_hand():
     assert math.isclose(stats["ppo/ratio_mean"], 2 * math.e + math.exp(-1), rel_tol=1e-6)
 
 
+def test_value_below_the_clip_range_is_clipped_from_below():
+    # v = -1 from old 0 is clipped to -0.2; return -2: 0.5·max((-1 + 2)², (-0.2 + 2)²) = 1.62, the clipped term
+    v, old, ret = torch.tensor([[-1.0]]), torch.zeros(1, 1), torch.tensor([[-2.0]])
+    zero, one = torch.zeros(1, 1), torch.ones(1, 1)
+    _, vf, stats = ppo.ppo_losses(zero, zero, v, old, one, ret, one, 0.2, 0.2)
+    assert math.isclose(vf.item(), 0.5 * 1.8 ** 2, rel_tol=1e-6) and stats["ppo/vf_clipfrac"] == 1.0
+
+
+def test_ratios_inside_the_clip_range_are_not_clipped():
+    # ratios 1 and e^0.1 ≈ 1.105 lie in [0.8, 1.2]: both terms are equal, so the loss is not the clipped term
+    zero, one = torch.zeros(1, 2), torch.ones(1, 2)
+    _, _, stats = ppo.ppo_losses(torch.tensor([[0.0, 0.1]]), zero, zero, zero, torch.tensor([[1.0, -1.0]]), zero, one,
+                                 0.2, 0.2)
+    assert stats["ppo/clipfrac"] == 0.0
+
+
 def test_value_inside_the_clip_range_is_not_clipped():
     """0.0989 is within 0.2 of 0.0079, so the clipped value is the value itself: no clip counted, the loss
     the plain one. (In float32 old + (v - old) rounds to v + 1 ulp here, nearer the return 0.2015: it once
@@ -175,6 +191,8 @@ def test_adaptive_kl_controller():
     # KL 5.4: e = -0.1, not clipped
     assert math.isclose(ppo.adaptive_kl(0.1, 5.4, 6.0, 10000, 8), 0.1 * (1 - 0.1 * 8 / 10000))
     assert ppo.adaptive_kl(0.1, 6.0, 6.0, 10000, 8) == 0.1
+    # KL 3: e = -0.5 clipped to -0.2 (the lower clip: KL far below target lowers β no faster)
+    assert math.isclose(ppo.adaptive_kl(0.1, 3.0, 6.0, 10000, 8), 0.1 * (1 - 0.2 * 8 / 10000))
 
 
 def test_response_mask_cuts_after_first_eos():

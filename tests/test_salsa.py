@@ -115,6 +115,22 @@ def test_token_logprobs_of_a_bf16_model_come_from_an_fp32_matmul(tiny, tok):
     torch.testing.assert_close(ent.double(), -(want.exp() * want).sum(-1), atol=2e-5, rtol=0)
 
 
+def test_token_logprobs_softcap_the_logits_before_the_temperature(tiny, tok):
+    """Gemma-2's final logit soft-capping, cap·tanh(logits / cap), then the temperature, as its forward and the
+    sampler apply them. Reference: float64, with logits far past the cap so that leaving it out shows."""
+    model = salsa.load_model(tiny, tok)
+    model.config.final_logit_softcapping = 2.0
+    g = torch.Generator().manual_seed(0)
+    h = 50 * torch.randn(16, model.config.hidden_size, generator=g)  # (N, d)
+    targets = torch.randint(len(tok), (16,), generator=g)
+    with torch.no_grad():
+        logp, _ = salsa.token_logprobs(model, h, targets, TEMP)
+        logits = h.double() @ model.get_output_embeddings().weight.double().T  # (N, V)
+        want = torch.log_softmax(torch.tanh(logits / 2.0) * 2.0 / TEMP, -1).gather(-1, targets[:, None]).squeeze(-1)
+    assert logits.abs().max() > 10  # the cap bites
+    torch.testing.assert_close(logp.double(), want, atol=1e-5, rtol=0)
+
+
 def test_position_ids_skip_left_padding():
     mask = torch.tensor([[0, 0, 1, 1, 1],
                          [1, 1, 1, 1, 1],

@@ -232,6 +232,13 @@ def test_greedy_keeps_a_helpful_ingredient_and_drops_a_harmful_one(models):
     assert sorted(kept) == [1, 2]
 
 
+def test_greedy_keeps_an_ingredient_only_if_the_score_strictly_improves():
+    """Wortsman et al.'s released code keeps on strict improvement (their Algorithm 1 writes ≥): a tie drops it."""
+    score = {("a",): 1.0, ("b",): 2.0, ("a", "b"): 1.0, ("c",): 3.0, ("a", "c"): 0.5}  # lower is better
+    assert soup.greedy_soup(["a", "b"], lambda paths, weights: score[tuple(paths)]) == [0]
+    assert soup.greedy_soup(["c", "a"], lambda paths, weights: score[tuple(paths)]) == [1, 0]  # best first, then c
+
+
 def write_chat(path, n=3):
     rows = [{"messages": [{"role": "user", "content": f"Name a colour, number {i}."},
                           {"role": "assistant", "content": "Blue, like the sea." * (i + 1)}]} for i in range(n)]
