@@ -1466,8 +1466,9 @@ def write_study(a: Study, R: Path, runs: list[str], questions: str, answers: dic
     for what in ("gold", "rm"):
         lines += [f"- {what}, soup − {n}: {fmt(bootstrap(every_q(what, ['soup']) - every_q(what, [n]), a.boot))}"
                   for n in ("sft", "sft-seed2")]
-    lines += ["", "The reward model against the gold judge (all questions; pairs of answers to one question):", ""]
-    for label, names in (("SFT samples (sft, sft-seed2)", ["sft", "sft-seed2"]), ("policy samples (every run)", runs)):
+    lines += ["", "The reward model against the gold judge (all questions; pairs of greedy answers to one question; "
+              "a reward-model tie counts half):", ""]
+    for label, names in (("SFT answers (sft, sft-seed2)", ["sft", "sft-seed2"]), ("policy answers (every run)", runs)):
         share, pairs = rank_agreement(every_q("gold", names), every_q("rm", names))
         lines.append(f"- {label}: it orders {100 * share:.1f}% of the {pairs} pairs the gold judge tells apart as the judge does")
     lines += ["", "Along the α line (eval.py alpha-line, its own questions):", "", "| α | Reward (RM) | Gold |", "|---:|---:|---:|"]
@@ -1484,7 +1485,8 @@ def write_study(a: Study, R: Path, runs: list[str], questions: str, answers: dic
                 steps = [r for b in a.betas for n in grid[m, b] for r in logs[n]]
                 plt.scatter([max(r["objective/kl_init"], 0) ** 0.5 for r in steps], [r[key] for r in steps], s=4,
                             color=color, alpha=0.3)
-                xs = [(sum(last(n, "objective/kl_init") for n in grid[m, b]) / len(a.seeds)) ** 0.5 for b in a.betas]
+                # a k1 mean can be below 0 (a policy that barely moved): its square root would be complex
+                xs = [max(sum(last(n, "objective/kl_init") for n in grid[m, b]) / len(a.seeds), 0) ** 0.5 for b in a.betas]
                 plt.plot(xs, [per_q(what, grid[m, b], "test").mean().item() for b in a.betas], "o-", color=color,
                          label=f"{m}: greedy answers, one point per β")
             plt.xlabel("√KL(π‖π_init), nats (dots: rollouts of every training step)")

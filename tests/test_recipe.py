@@ -246,7 +246,7 @@ def test_study_end_to_end(toy_recipe):
     assert f"For scale, the gold score of the answer 'zzz' (test half): {floor:.3f}; the SFT model's: " in md
     for text in ("β chosen on dev: PPO", "- Gold score difference, SALSA − PPO:", "| ppo | 0.01 |", "| salsa | 0.2 |",
                  "- gold, soup − sft:", "- rm, soup − sft-seed2:", "| mkl | 0.2 |", "| salsa-alpha0.25 | 0.2 |",
-                 "- gold, mkl − salsa at β 0.2:", "- gold, salsa-alpha0.25 − salsa at β 0.2:", "- policy samples (every run): it orders", "| 1.00 |", "Last sampled rollouts of ppo-beta0.01-seed3"):
+                 "- gold, mkl − salsa at β 0.2:", "- gold, salsa-alpha0.25 − salsa at β 0.2:", "- policy answers (every run): it orders", "| 1.00 |", "Last sampled rollouts of ppo-beta0.01-seed3"):
         assert text in md, text
     assert "eval.py judge" not in res.stdout  # gold scores per question, no pairwise verdicts
     questions = salsa.read_jsonl(s / "data" / "eval.jsonl")  # the table's gold columns, from the files alone
