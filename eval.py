@@ -58,7 +58,8 @@ class Args:
     models: list[str] = salsa.arg([], "alpha-line: two SFT models; plane: three, fine-tuned from one base (§4.2)")
     alphas: list[float] = salsa.arg([i / 10 for i in range(11)], "alpha-line: weights of the second model (Fig. 2a/b)")
     grid: int = salsa.arg(7, "plane: grid points per side of the square around the triangle (Fig. 2c)", low=2)
-    margin: float = salsa.arg(0.25, "plane: how far the grid reaches past the triangle, in side lengths")
+    margin: float = salsa.arg(0.25, "plane: how far the grid reaches past the triangle, in side lengths across and "
+                                    "heights up (0.25 with --grid 7: the three models are grid points)")
     batch_size: int = salsa.arg(8, "prompts per generate / reward-model forward", low=1)
     max_new_tokens: int = salsa.arg(1024, "answer length limit (FastChat's MT-Bench default)", low=1)
     max_prompt_len: int = salsa.arg(2048, "longer prompts keep their last tokens, with a warning (App. A.1 max length)", low=1)
@@ -475,7 +476,9 @@ def plane(args: Args):
     check_new(args.out)
     h = 3**0.5 / 2
     xs = torch.linspace(-args.margin, 1 + args.margin, args.grid, dtype=torch.float64).tolist()
-    ys = torch.linspace(-args.margin, h + args.margin, args.grid, dtype=torch.float64).tolist()
+    # the same margin in heights up as in side lengths across: where x's grid holds 0, 1/2 and 1, y's holds 0
+    # and h, so the three models themselves are points of the plot (at side lengths up, no y lay on 0 or h)
+    ys = torch.linspace(-args.margin * h, h + args.margin * h, args.grid, dtype=torch.float64).tolist()
     pts = [(x, y) for y in ys for x in xs]  # rows of constant y, as imshow reads them
     weights = [[1 - x - y / (2 * h), x - y / (2 * h), y / h] for x, y in pts]
     rows = [{"x": x, "y": y, "w1": w[0], "w2": w[1], "w3": w[2], **reward_stats(r)}

@@ -496,6 +496,18 @@ def test_analyses_write_data_and_plots(lab):
         assert (d / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_plane_at_its_defaults_holds_the_three_models(tmp_path, monkeypatch):
+    """Fig. 2c compares the soups with their ingredients: at --grid 7 --margin 0.25 the corners (0, 0), (1, 0),
+    (1/2, √3/2) are grid points, whose weights are each model alone; every point's weights sum to 1."""
+    seen = []
+    monkeypatch.setattr(ev, "soup_rewards", lambda args, weights: seen.extend(weights) or [([0.0, 1.0], None)] * len(weights))
+    monkeypatch.setattr(salsa, "plot", lambda png, draw: None)
+    ev.plane(salsa.parse_args(ev.Args, ["--models", "a", "b", "c", "--questions", "q", "--out", str(tmp_path / "p")]))
+    assert len(seen) == 49 and all(sum(w) == pytest.approx(1, abs=1e-12) for w in seen)
+    for corner in ([1, 0, 0], [0, 1, 0], [0, 0, 1]):
+        assert any(w == pytest.approx(corner, abs=1e-12) for w in seen), corner
+
+
 def test_an_analysis_that_fails_while_plotting_leaves_no_folder(lab, monkeypatch):
     """The recipe skips an analysis whose folder exists: a failed plot must not leave the CSV there alone,
     and an existing folder is refused before any soup is computed, not overwritten."""
