@@ -1490,7 +1490,7 @@ def write_study(a: Study, R: Path, runs: list[str], questions: str, answers: dic
                 plt.plot(xs, [per_q(what, grid[m, b], "test").mean().item() for b in a.betas], "o-", color=color,
                          label=f"{m}: greedy answers, one point per β")
             plt.xlabel("√KL(π‖π_init), nats (dots: rollouts of every training step)")
-            plt.ylabel({"gold": "gold score", "rm": "reward model"}[what])
+            plt.ylabel({"gold": "gold score", "rm": "reward model (dots: PPO's score, after the missing-EOS penalty)"}[what])
             plt.legend(fontsize=7)
         plt.gcf().set_size_inches(11, 4)
 
