@@ -12,13 +12,15 @@ models/):
 - SFT: sft.py steps of a ~1.1B model (TinyLlama's shape) at 2048 tokens in bf16: tokens/s, MFU
   ((6·N + 12·L·d·T)·tokens, PaLM's count: N the matmul weights, the second term attention's scores and
   values over T tokens, not halved for the causal mask), peak memory. The LM head's logits are an fp32
-  matmul (log-probs in fp32, salsa.token_logprobs), 9% of N but a larger share of the time;
+  matmul at fp32 speed (log-probs in fp32, salsa.token_logprobs; no TF32), 9% of N but a larger share of
+  the time;
 - PPO: ppo.py steps at App. A.3's batch of 8 with 512 new tokens on that shape, fp32 policy and bf16
   policy: rollout tokens/s and share of the step, scoring and training time, peak memory; beside
   them a plain bf16 forward and backward of the same tokens, to show where the time goes;
-- memory plan: the PPO peak at two sizes against the per-GPU formula at world size 1 (16 B/param each
-  for the policy and its critic, ppo.py's default --critic reward; 2 B/param for each bf16 frozen
-  model), and the line through both extrapolated to 7B. GiB (2**30 bytes) throughout, of memory
+- memory plan: the peak of plain ppo.py (one process, no FSDP, no activation checkpointing) at two sizes
+  against the held rows of the README's plan at world size 1 (16 B/param each for the policy and its
+  critic, ppo.py's default --critic reward; 2 B/param for each bf16 frozen model); the rest of the peak
+  (activations, KV cache, workspace) scaled by the layers' widths L·(d + f) to 7B. GiB (2**30 bytes) throughout, of memory
   allocated by tensors (torch.cuda.max_memory_allocated): the allocator's reserve and the CUDA context
   come on top;
 - the FSDP2 path, on the smaller shape: torchrun with one rank shards every model (on CUDA, bf16 compute
@@ -138,17 +140,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def matmul_rate(device, n: int) -> float:
-    """FLOP/s of an n x n x n bf16 matmul, the mean of 10 after 3 warm-ups."""
+def matmul_rate(device, n: int, seconds: float = 1.0) -> float:
+    """FLOP/s of an n x n x n bf16 matmul over about `seconds` of back-to-back calls, after 3 warm-ups (10 calls
+    at 8192 take about 15 ms on an H100: too short to time)."""
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     for _ in range(3):
         a @ b
     sync(device)
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    sync(device)
-    return 10 * 2 * n**3 / (time.perf_counter() - t)
+    calls, t = 0, time.perf_counter()
+    while calls < 10 or time.perf_counter() - t < seconds:
+        for _ in range(10):
+            a @ b
+        calls += 10
+        sync(device)
+    return calls * 2 * n**3 / (time.perf_counter() - t)
 
 
 def sync(device):
@@ -196,13 +201,14 @@ def main():
     left = lambda: a.budget - (time.time() - start)
     rep = {"date": time.strftime("%Y-%m-%d"), "device": name, "torch": torch.__version__,
            "transformers": __import__("transformers").__version__, "shapes": {big: SHAPES[big], small: SHAPES[small]},
-           "errors": {}}
+           "errors": {}, "stage_seconds": {}}
     out.mkdir(parents=True)
 
     def stage(key: str, measure, timed=True):
         """rep[key] = measure(), or the error in rep["errors"][key]; the reports rewritten either way. A timed
         stage is not started past the deadline."""
         print(f"--- {key} ({left():.0f} s left)", flush=True)
+        began = time.time()
         try:
             if timed and left() <= 0:
                 raise RuntimeError(f"{key} not started: the check's deadline (--budget) has passed")
@@ -210,12 +216,13 @@ def main():
         except Exception as e:  # recorded, and the next stage runs: the device gives one try
             rep["errors"][key] = f"{type(e).__name__}: {e}"[-3000:]
             print(f"{key} failed: {rep['errors'][key]}", flush=True)
+        rep["stage_seconds"][key] = round(time.time() - began, 1)  # to plan a second try, or the stages' budget
         rep["seconds"] = time.time() - start
         (out / "report.json").write_text(json.dumps(rep, indent=1))
         (out / "report.md").write_text(report(rep, big, small, seq_len, new_tokens))
 
     stage("free_disk_gib", lambda: shutil.disk_usage(out).free / 2**30, timed=False)
-    stage("probe_bf16_flops", lambda: matmul_rate(device, 8192 if gpu else 256), timed=False)
+    stage("probe_bf16_flops", lambda: matmul_rate(device, 8192 if gpu else 256, 1.0 if gpu else 0.2), timed=False)
     stage("params", lambda: {s: dict(zip(("matmul", "lm", "rm"), build(work / s, s, tok, device))) for s in (big, small)},
           timed=False)  # what every later stage needs
     if "params" in rep["errors"]:
@@ -235,7 +242,7 @@ def main():
                       "--max-len", seq_len, "--batch-size", 8, "--micro-batch", 8, "--max-steps", 3, "--dtype",
                       "bfloat16", "--eval-every", 0, "--save-every", 0, "--out", work / "sft", logs=logs, timeout=left())
         drop(work / "sft")
-        tok_s = max(r["train/tokens_per_s"] for r in rows[1:])  # the first step warms up
+        tok_s = sum(r["train/tokens_per_s"] for r in rows[1:]) / len(rows[1:])  # the first step warms up
         d, _, layers, _, _ = SHAPES[big]
         flops = (6 * rep["params"][big]["matmul"] + 12 * layers * d * seq_len) * tok_s  # PaLM's count, per second
         return {"tokens_per_s": tok_s, "peak_gb": rows[-1]["mem/peak_gb"], "model_flops_per_s": flops,
@@ -266,8 +273,9 @@ def main():
     # of policy and critic, 12 B/param): torchrun's one rank shards every model (bf16 compute over fp32 master
     # weights on CUDA), generates with the policy gathered, writes a sharded checkpoint after step 1; a second run
     # resumes from it (the checkpoint hard-linked) and must log step 2 as the uninterrupted run did
-    def fsdp():
-        flags = [*ppo_flags, "--model", work / small / "lm", "--reward", work / small / "rm", "--save-every", 1]
+    def fsdp():  # it checks the path, not the speed: 64 new tokens keep it inside the budget
+        flags = [*ppo_flags, "--model", work / small / "lm", "--reward", work / small / "rm", "--save-every", 1,
+                 "--max-new-tokens", min(new_tokens, 64)]
         rows = script("ppo.py", *flags, "--out", work / "fsdp", ranks=1, logs=logs, timeout=left())
         ckpt = Path(salsa.latest_checkpoint(f"{work / 'fsdp'}.ckpt"))
         shards = sorted(f.name for f in ckpt.glob("*.distcp"))
@@ -277,7 +285,8 @@ def main():
                          timeout=left())
         drop(work / "fsdp", work / "fsdp-resumed")
         m = rows[-1]
-        return {"model": small, "step_s": m["time/rollout"] + m["time/score"] + m["time/train"],
+        return {"model": small, "new_tokens": min(new_tokens, 64),
+                "step_s": m["time/rollout"] + m["time/score"] + m["time/train"],
                 "rollout_s": m["time/rollout"], "score_s": m["time/score"], "train_s": m["time/train"],
                 "peak_gb": m["mem/peak_gb"], "checkpoint": ckpt.name, "shard_files": shards,
                 "resumed_steps": [r["step"] for r in resumed],
@@ -286,17 +295,22 @@ def main():
     width = rep["ppo"].get(f"{big} bfloat16", {}).get("prompt_width", 4 * prompt_words) + new_tokens
     stage("plain_bf16_fwd_bwd_s", lambda: plain_step(work / big / "lm", 8, width, device))
 
-    # the memory plan at world size 1: 16 B/param for the policy and for its critic (fp32 weights, gradients,
-    # Adam m, v) + 2 B/param each for the bf16 frozen reference (the policy's shape) and reward model (the critic's)
+    # the memory plan in one process (plain ppo.py: no FSDP, no activation checkpointing), the held rows of the
+    # README's plan at world size 1: 16 B/param for the policy and for its critic (fp32 weights, gradients, Adam m,
+    # v) + 2 B/param each for the bf16 frozen reference (the policy's shape) and reward model (the critic's). The
+    # rest of the peak (activations, workspace) grows with the layers' widths at these token counts, L·(d + f),
+    # not with the parameters (the LM head's vocabulary is most of the parameters that do not reach it)
     def plan():
         plan = {}
         for shape in (big, small):
             n_lm, n_rm = rep["params"][shape]["lm"], rep["params"][shape]["rm"]
-            plan[shape] = {"params": n_lm + n_rm, "formula_gb": 18 * (n_lm + n_rm) / 2**30,
-                           "measured_gb": rep["ppo"][f"{shape} float32"]["peak_gb"]}
-        slope = (plan[big]["measured_gb"] - plan[small]["measured_gb"]) / (plan[big]["params"] - plan[small]["params"])
-        plan["7.24b_line_gb"] = plan[big]["measured_gb"] + slope * (2 * 7.24e9 - plan[big]["params"])
-        plan["7.24b_formula_gb"] = 18 * 2 * 7.24e9 / 2**30  # a 7.24B policy and a critic of its size
+            d, f, layers, _, _ = SHAPES[shape]
+            formula, measured = 18 * (n_lm + n_rm) / 2**30, rep["ppo"][f"{shape} float32"]["peak_gb"]
+            plan[shape] = {"params": n_lm + n_rm, "formula_gb": formula, "measured_gb": measured,
+                           "rest_gb": measured - formula, "rest_per_width_kb": (measured - formula) * 2**30 / 1e3 / (layers * (d + f))}
+        d, f, layers, vocab = 4096, 14336, 32, 32000  # Mistral-7B: 7.24B parameters, its critic without the LM head
+        plan["7.24b_formula_gb"] = 18 * (2 * 7.24e9 - vocab * d) / 2**30
+        plan["7.24b_gb"] = plan["7.24b_formula_gb"] + plan[big]["rest_per_width_kb"] * 1e3 * layers * (d + f) / 2**30
         return plan
     stage("memory_plan", plan, timed=False)  # arithmetic on what was measured
     shutil.rmtree(work, ignore_errors=True)
@@ -312,16 +326,20 @@ def report(r: dict, big: str, small: str, seq_len: int, new_tokens: int) -> str:
              f"Measured by `make gpu-check` in {r['seconds']:.0f} s"
              + (f"; bf16 matmul probe {r['probe_bf16_flops'] / 1e12:.1f} TFLOP/s" if "probe_bf16_flops" in r else "")
              + (f"; {r['free_disk_gib']:.0f} GiB free on disk at the start" if "free_disk_gib" in r else "")
-             + ". Memory in GiB (2**30 bytes) allocated by tensors; the allocator's reserve and the CUDA context "
-             "come on top.", ""]
+             + (". Memory in GiB (2**30 bytes) allocated by tensors; the allocator's reserve and the CUDA context "
+                "come on top." if r["device"] != "CPU" else ". Memory: the process's resident set, GiB (on the CPU "
+                "every stage runs in this one process, so each peak is the largest so far)."),
+             "Stage seconds: " + ", ".join(f"{k} {v:g}" for k, v in r["stage_seconds"].items()) + ".", ""]
     lines += [f"- **{k} failed**: {v.splitlines()[0][:300]}" for k, v in r["errors"].items()] + [""] * bool(r["errors"])
     if "sft" in r:
         n = r["params"][big]["matmul"]
         lines += [f"## SFT: sft.py, {big} ({n / 1e9:.2f}B matmul weights), bf16, 8 x {seq_len} tokens", "",
                   f"- {r['sft']['tokens_per_s']:.0f} tokens/s; MFU {f(r['sft']['mfu_probe'])} of the probe, "
                   f"{f(r['sft']['mfu_datasheet'])} of the datasheet's dense bf16 peak (PaLM's count: 6N + 12·L·d·T "
-                  f"FLOPs per token); peak memory {r['sft']['peak_gb']:.1f} GiB. The LM head's logits are an fp32 "
-                  "matmul (fp32 log-probs), 9% of N but more of the time.", ""]
+                  f"FLOPs per token; the mean of steps 2 and 3); peak memory {r['sft']['peak_gb']:.1f} GiB (bf16 "
+                  "weights and Adam states, no fp32 copy, no activation checkpointing). The LM head's logits are an "
+                  "fp32 matmul at fp32 speed (fp32 log-probs; PyTorch's default uses no TF32): 9% of N at 1.1B, and a larger "
+                  "share of the time, not measured here, so this is not a pure bf16 MFU.", ""]
     ppo = r.get("ppo") or {k.removeprefix("ppo "): v for k, v in r.items() if k.startswith("ppo ")}  # as they come
     if ppo:
         lines += [f"## PPO: ppo.py, batch 8, {new_tokens} new tokens, 2 epochs, frozen models in bf16 (the second step)",
@@ -334,24 +352,32 @@ def report(r: dict, big: str, small: str, seq_len: int, new_tokens: int) -> str:
     if "fsdp" in r:
         z = r["fsdp"]
         how = "torchrun --nproc_per_node 1" if r["device"] != "CPU" else "world size 1 in the check's own process"
-        lines += [f"FSDP2 on one rank ({how}, the fp32 policy, {z['model']}): step {z['step_s']:.2f} s = rollout "
+        lines += [f"FSDP2 on one rank ({how}, the fp32 policy, {z['model']}, {z['new_tokens']} new tokens: it checks "
+                  f"the path, not the speed): step {z['step_s']:.2f} s = rollout "
                   f"{z['rollout_s']:.2f} + scoring {z['score_s']:.2f} + training {z['train_s']:.2f}; peak "
                   f"{z['peak_gb']:.1f} GiB; sharded checkpoint {z['checkpoint']} ({', '.join(z['shard_files'])}); "
                   f"resumed, it logged steps {z['resumed_steps']}, its step 2 off the uninterrupted run's by at most "
                   f"{z['resume_max_abs_diff']:.3g}.", ""]
     if "plain_bf16_fwd_bwd_s" in r:
-        lines += [f"A plain bf16 forward and backward of the same 8 rows on {big}: {r['plain_bf16_fwd_bwd_s']:.3f} s (PPO "
-                  "trains 2 epochs of 8 one-row micro-batches, plus its critic and fp32 log-probs).", ""]
+        lines += [f"A plain bf16 forward and backward of 8 rows of random tokens as wide as the PPO batch (prompts "
+                  f"and new tokens) on {big}: {r['plain_bf16_fwd_bwd_s']:.3f} s (PPO trains 2 epochs of 8 one-row "
+                  "micro-batches, plus its critic and fp32 log-probs).", ""]
     if "memory_plan" in r:
         p = r["memory_plan"]
-        lines += ["## Memory plan at world size 1 (fp32 policy and critic 16 B/param each, their bf16 frozen "
-                  "reference and reward model 2 B/param each)", "",
-                  "| model | policy + critic parameters | formula (GiB) | measured peak (GiB) |", "|---|---:|---:|---:|"]
-        lines += [f"| {s} | {p[s]['params'] / 1e9:.2f}B | {p[s]['formula_gb']:.1f} | {p[s]['measured_gb']:.1f} |"
-                  for s in (small, big)]
-        lines += ["", f"At a 7.24B policy and critic on one GPU: the formula says {p['7.24b_formula_gb']:.0f} GiB held; "
-                  f"the line through the two measured peaks says {p['7.24b_line_gb']:.0f} GiB. Under FSDP on 8 GPUs "
-                  "the held part divides by 8.", ""]
+        lines += ["## Memory plan in one process (plain ppo.py, no FSDP, no activation checkpointing): the held "
+                  "rows of the README's plan at world size 1, fp32 policy and critic 16 B/param each, their bf16 "
+                  "frozen reference and reward model 2 B/param each", "",
+                  "| model | policy + critic parameters | held, formula (GiB) | measured peak (GiB) | rest (GiB) | "
+                  "rest per unit of L·(d + f) (KB) |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {s} | {p[s]['params'] / 1e9:.2f}B | {p[s]['formula_gb']:.1f} | {p[s]['measured_gb']:.1f} | "
+                  f"{p[s]['rest_gb']:.1f} | {p[s]['rest_per_width_kb']:.1f} |" for s in (small, big)]
+        lines += ["", f"The rest (activations, the rollout's KV cache, workspace) is scaled by the layers' widths L·(d + f), not by the parameters; "
+                  "the last column says how well that holds between the two sizes. A 7.24B policy and its critic "
+                  f"(Mistral-7B's shape, the critic without an LM head) in one process: {p['7.24b_formula_gb']:.0f} GiB "
+                  f"held by the formula, {p['7.24b_gb']:.0f} GiB with {big}'s rest scaled (GiB: the README's table is "
+                  "in GB, 1.074 times larger). Under FSDP on 8 GPUs the held part divides by 8; the README's other "
+                  "rows (the rollout's gathered bf16 policy, the gathered roots, checkpointed activations) are not "
+                  "measured here.", ""]
     return "\n".join(lines)
 
 

@@ -24,8 +24,13 @@ def test_gpu_check_runs_on_cpu(tmp_path):
         assert abs(v["step_s"] - v["rollout_s"] - v["score_s"] - v["train_s"]) < 1e-6
     z = r["fsdp"]  # FSDP2 at world size 1: a sharded checkpoint after step 1, resumed to the same step 2 (CPU: exact)
     assert z["shard_files"] == ["__0_0.distcp"] and z["resumed_steps"] == [1, 2] and z["resume_max_abs_diff"] == 0
+    assert z["new_tokens"] == 16 and set(r["stage_seconds"]) >= {"sft", "fsdp", "memory_plan"}
     plan = r["memory_plan"]
-    assert plan["tiny2"]["params"] > plan["tiny"]["params"] and plan["7.24b_formula_gb"] == 36 * 7.24e9 / 2**30
+    # Mistral-7B's policy and its critic, which has no LM head (32,000 x 4,096), at 18 B/param: 240.5 GiB
+    assert plan["tiny2"]["params"] > plan["tiny"]["params"] and plan["7.24b_formula_gb"] == pytest.approx(240.5, abs=0.05)
+    big = plan["tiny2"]  # its rest, the peak beyond the formula, scaled by L·(d + f): 3·(96 + 192) to 32·(4096 + 14336)
+    assert big["rest_gb"] == pytest.approx(big["measured_gb"] - big["formula_gb"])
+    assert plan["7.24b_gb"] == pytest.approx(plan["7.24b_formula_gb"] + big["rest_gb"] * 32 * 18432 / (3 * 288))
     md = (out / "report.md").read_text()
     assert "# GPU check" in md and "| tiny2 bfloat16 |" in md
     again = subprocess.run([sys.executable, str(ROOT / "tests" / "gpu_check.py"), "--out", str(out)], cwd=ROOT,
