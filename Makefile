@@ -96,7 +96,7 @@ bench-soup: setup
 # What only a GPU can show (SFT MFU, a PPO step at batch 8 x 512 new tokens, the memory plan at two sizes) on
 # random-init ~1B models, no download, under 8 minutes on one H100/H200; without CUDA, tiny models on the CPU.
 # On a lent GPU, the one device call (its python3 has torch 2.11 and transformers 5.17; the CPU path passed
-# under transformers 5.17 on 2026-12-03, from a tree holding only what this call carries). Carry the tokenizer's
+# under transformers 5.17 on 2026-12-03, from a tree holding only what this call carries, and with torch 2.11 on 2026-12-07). Carry the tokenizer's
 # files, not the 540 MB model: models/SmolLM2-135M-Instruct/ + tokenizer.json, tokenizer_config.json,
 # chat_template.jinja, config.json, generation_config.json. Command:
 #   PYTHONUNBUFFERED=1 timeout 540 python3 tests/gpu_check.py --require-cuda --budget 450 --out /tmp/gc 2>&1 | tee $OUT/log;
