@@ -223,11 +223,11 @@ def shard(model, dist: Dist, train: bool = False):
     build optimizers before the first forward, or after `reshard`. Trained models get non-reentrant
     activation checkpointing; gradients are summed over ranks, not averaged (the scripts divide by
     global counts). CUDA: bf16 compute, fp32 master weights and reduce."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     from transformers.modeling_layers import GradientCheckpointingLayer
     if not dist.sharded:
         return model
-    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if dist.device.type == "cuda" else MixedPrecisionPolicy()
+    mp = mixed_precision(dist.device)
     if train and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for m in model.modules():
@@ -241,6 +241,13 @@ def shard(model, dist: Dist, train: bool = False):
     if hasattr(model, "generate"):  # FSDP picks its root at the first forward: generate must count as one
         register_fsdp_forward_method(model, "generate")
     return model
+
+
+def mixed_precision(device):
+    """FSDP2's dtypes: on CUDA, bf16 compute over the fp32 master weights and an fp32 gradient reduce; on the CPU
+    the weights' own (its kernels gain little from bf16). tests/test_fsdp.py runs CUDA's on the CPU too."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    return MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
 
 
 @contextlib.contextmanager

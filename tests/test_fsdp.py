@@ -84,10 +84,15 @@ def ppo_worker(argv):
     setattr(torch.distributed, name, lambda *a, **kw: calls.append(1) or reduce_scatter(*a, **kw))
     salsa.shard = lambda *a, **kw: sharded.append(isinstance(m := shard(*a, **kw), FSDPModule)) or m
     ppo.rollout = fixed_rollout
+    bf16 = []
+    if os.environ.get("CUDA_DTYPES"):  # FSDP2's CUDA policy on the CPU: bf16 compute, fp32 master weights and reduce
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        salsa.mixed_precision = lambda device: bf16.append(1) or MixedPrecisionPolicy(torch.bfloat16, torch.float32)
     args = salsa.parse_args(ppo.Args, argv)
     ppo.main(args)
     Path(f"{args.out}.ckpt", f"reduce_scatters{os.environ.get('RANK', 0)}").write_text(str(len(calls)))
     Path(f"{args.out}.ckpt", f"sharded{os.environ.get('RANK', 0)}").write_text(str(sum(sharded)))
+    Path(f"{args.out}.ckpt", f"bf16_{os.environ.get('RANK', 0)}").write_text(str(len(bf16)))
 
 
 def launch(tiny, out, nproc):
@@ -263,6 +268,39 @@ def test_ppo_update_under_fsdp_equals_one_process(tiny, tok, tmp_path):
     # the policy's LM, its critic and their wrapper, the soup, the init model, the reward model: under
     # torchrun, 1 rank or 2, every one is an FSDP module; in one process none is
     assert sharded[0] == sharded[1] == 6 and sharded[2] == 0
+
+
+
+def test_ppo_under_fsdp_with_cuda_dtypes(tiny, tok, tmp_path):
+    """The dtypes FSDP2 uses on CUDA (bf16 compute over fp32 master weights, fp32 gradient reduce), run on 2 CPU
+    ranks, which CI has: the policy and its reference compute alike, so KL(π‖π_sft) is exactly 0 at the first
+    step; the scoring pass and the training forward (with activation checkpointing) compute alike, so one epoch's
+    single minibatch has ratio exactly 1 and clips nothing; and the fp32 master weights move and stay finite."""
+    from safetensors.torch import load_file
+    rm = tmp_path / "rm"
+    shutil.copytree(tiny, rm)
+    cfg = json.loads((rm / "config.json").read_text())
+    (rm / "config.json").write_text(json.dumps(cfg | {"architectures": ["LlamaForSequenceClassification"],
+                                                      "num_labels": 1, "reward_bias": 0.0}))
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Question {i}: is {'yes ' * i}no?"}) + "\n"
+                                                    for i in range(4)))
+    out = tmp_path / "ppo"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__, "ppo",
+           "--ref", "sft", "--model", tiny, "--reward", rm, "--data", tmp_path / "prompts.jsonl", "--batch-size", 4,
+           "--micro-batch", 1, "--steps", 1, "--ppo-epochs", 1, "--lr", 1e-3, "--sample-every", 100, "--out", out]
+    res = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_DTYPES": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    # every model was sharded with the bf16 policy: the LM, the critic and their wrapper, the reference, the reward model
+    assert [int(Path(f"{out}.ckpt/bf16_{r}").read_text()) for r in (0, 1)] == [5, 5]
+    m = salsa.read_jsonl(f"{out}.ckpt/metrics.jsonl")[0]
+    assert m["objective/kl"] == 0.0 and m["objective/kl_init"] == 0.0
+    assert m["ppo/ratio_mean"] == 1.0 and m["ppo/clipfrac"] == 0.0 and m["ppo/approx_kl"] == 0.0
+    assert all(v == v and abs(v) != float("inf") for v in m.values() if isinstance(v, float)), m
+    init, trained = load_file(Path(tiny) / "model.safetensors"), load_file(out / "model.safetensors")
+    assert {v.dtype for v in trained.values()} == {torch.float32}  # the master weights, not their bf16 copies
+    for k in init:
+        assert torch.isfinite(trained[k]).all() and (trained[k] - init[k]).abs().max() > 1e-4, k
 
 
 if __name__ == "__main__":
