@@ -16,7 +16,7 @@ models/):
   the time;
 - PPO: ppo.py steps at App. A.3's batch of 8 with 512 new tokens on that shape, fp32 policy and bf16
   policy: rollout tokens/s and share of the step, scoring and training time, peak memory; beside
-  them a plain bf16 forward and backward of the same tokens, to show where the time goes;
+  them a plain bf16 forward and backward of as many random tokens, to show where the time goes;
 - memory plan: the peak of plain ppo.py (one process, no FSDP, no activation checkpointing) at two sizes
   against the held rows of the README's plan at world size 1 (16 B/param each for the policy and its
   critic, ppo.py's default --critic reward; 2 B/param for each bf16 frozen model); the rest of the peak
@@ -250,14 +250,14 @@ def main():
                 "mfu_datasheet": flops / peak if peak else None}
     stage("sft", sft)
 
-    ppo_flags = ["--ref", "sft", "--data", work / "prompts.jsonl", "--batch-size", 8, "--max-new-tokens", new_tokens,
+    ppo_flags = ["--ref", "sft", "--data", work / "prompts.jsonl", "--batch-size", 8,
                  "--max-prompt-len", 4 * prompt_words, "--steps", 2, "--save-every", 1000, "--sample-every", 1000,
                  "--frozen-dtype", "bfloat16"]
 
     def ppo(shape, dtype):
         run = work / f"ppo-{shape}-{dtype}"
-        rows = script("ppo.py", *ppo_flags, "--model", work / shape / "lm", "--reward", work / shape / "rm",
-                      "--dtype", dtype, "--out", run, logs=logs, timeout=left())
+        rows = script("ppo.py", *ppo_flags, "--max-new-tokens", new_tokens, "--model", work / shape / "lm",
+                      "--reward", work / shape / "rm", "--dtype", dtype, "--out", run, logs=logs, timeout=left())
         drop(run)
         m = rows[-1]  # the second step: the first one warms up
         step = m["time/rollout"] + m["time/score"] + m["time/train"]
