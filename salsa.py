@@ -101,8 +101,10 @@ def at_least(kind, low: float):
 
 
 def parse_args(cls, argv=None):
-    """Build an argparse parser from a dataclass of `arg(...)` fields: `max_len` becomes `--max-len`."""
-    parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
+    """Build an argparse parser from a dataclass of `arg(...)` fields: `max_len` becomes `--max-len`. No
+    abbreviations: argparse takes a unique prefix for the whole flag, so were ppo.py's `--cliprange` ever
+    renamed, an old script's `--cliprange 0.2` would set `--cliprange-value` and run on silently."""
+    parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
