@@ -443,10 +443,12 @@ def check_new(out: str):
         raise salsa.InputError(f"{out} already exists: choose another --out or delete it")
 
 
-def write_figure(out: str, name: str, rows: list[dict], draw):
+def write_figure(out: str, name: str, rows: list[dict], draw, replace: bool = False):
     """OUT/name.csv and OUT/name.png, written together (salsa.save_atomic): the recipe skips an analysis
-    whose folder exists, so a crash or a Ctrl-C while plotting must leave no folder holding the CSV alone."""
-    salsa.save_atomic(out, lambda tmp: (write_csv(Path(tmp, f"{name}.csv"), rows), salsa.plot(Path(tmp, f"{name}.png"), draw)))
+    whose folder exists, so a crash or a Ctrl-C while plotting must leave no folder holding the CSV alone
+    (nor, with `replace`, a new CSV beside the old plot)."""
+    salsa.save_atomic(out, lambda tmp: (write_csv(Path(tmp, f"{name}.csv"), rows), salsa.plot(Path(tmp, f"{name}.png"), draw)),
+                      replace)
     say_wrote(out, name)
 
 
@@ -510,7 +512,6 @@ def reward_hist(args: Args):
     args.judge = f"rm:{args.reward}"
     rows = [{"model": name, "question_id": qid, "turn": k + 1, "reward": v}
             for name, s in local_scores(args, runs, units).items() for (qid, _, k), v in zip(units, s)]
-    write_csv(Path(args.out, "reward_hist.csv"), rows)  # the recipe reruns it every time: it overwrites
 
     def draw(plt):
         every = [r["reward"] for r in rows]
@@ -521,8 +522,7 @@ def reward_hist(args: Args):
             plt.hist(x, bins=bins, alpha=0.4, color=f"C{i}", label=f"{name} (mean {sum(x) / len(x):.3f})")
         plt.xlabel("reward")
         plt.legend()
-    salsa.plot(Path(args.out, "reward_hist.png"), draw)
-    say_wrote(args.out, "reward_hist")
+    write_figure(args.out, "reward_hist", rows, draw, replace=True)  # the recipe reruns it every time
 
 
 COMMANDS = {"answer": answer, "judge": judge, "alpha-line": alpha_line, "plane": plane, "reward-hist": reward_hist}

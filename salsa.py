@@ -774,16 +774,20 @@ def plot(png: Path, draw):
 
 
 # ---------------------------------------------------------------- checkpoints and logs
-def save_atomic(out: str, write):
+def save_atomic(out: str, write, replace: bool = False):
     """Call `write(tmp_dir)`, then rename tmp_dir to `out`: a crash leaves no half directory.
-    `out` must not exist yet (callers check before any work, so a failed run overwrites nothing)."""
+    `out` must not exist yet (callers check before any work, so a failed run overwrites nothing), unless
+    `replace`: then a complete new `out` takes the old one's place, and a failed run leaves the old one."""
     out = Path(out)
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    tmp, old = (out.parent / f".{out.name}.{kind}{os.getpid()}" for kind in ("tmp", "old"))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         write(str(tmp))
+        if replace and out.exists():
+            os.replace(out, old)
         os.replace(tmp, out)  # fails if `out` appeared meanwhile (a non-empty directory): the temp dir goes too
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:  # a crash or Ctrl-C leaves neither `out` nor a half-written temp dir
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -528,6 +528,29 @@ def test_an_analysis_that_fails_while_plotting_leaves_no_folder(lab, monkeypatch
             command(salsa.parse_args(ev.Args, [*args[:3], *three, *args[3:], "--out", str(d / "done")]))
 
 
+def test_reward_hist_replaces_its_folder_only_once_complete(lab, monkeypatch):
+    """The recipe reruns reward-hist over its folder: a rerun that fails while plotting keeps the old CSV and
+    plot together (it wrote the new CSV beside the old plot), and one that succeeds replaces both."""
+    d, _, rm_path, qs = lab
+    a, b, c = (fastchat_answers(d / f"hist{m}.jsonl", m, {q["question_id"]: [m, m] for q in MT_BENCH}) for m in "ABC")
+    models = lambda: {r["model"] for r in csv.DictReader(open(d / "hist" / "reward_hist.csv"))}
+    hist = lambda *answers: ev.reward_hist(salsa.parse_args(ev.Args, ["--answers", *answers, "--reward", rm_path,
+                                                                      "--questions", qs, "--out", str(d / "hist")]))
+    monkeypatch.setattr(salsa, "plot", lambda png, draw: png.write_text("A and B"))
+    hist(a, b)
+
+    def broken(png, draw):
+        raise RuntimeError("the plot failed")
+    monkeypatch.setattr(salsa, "plot", broken)
+    with pytest.raises(RuntimeError, match="the plot failed"):
+        hist(a, c)
+    assert models() == {"A", "B"} and (d / "hist" / "reward_hist.png").read_text() == "A and B"
+    monkeypatch.setattr(salsa, "plot", lambda png, draw: png.write_text("A and C"))
+    hist(a, c)
+    assert models() == {"A", "C"} and (d / "hist" / "reward_hist.png").read_text() == "A and C"
+    assert not [p for p in d.iterdir() if p.name.startswith(".hist")]  # no temp or old folder left
+
+
 def test_plots_are_optional(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     salsa.plot(tmp_path / "x.png", lambda plt: None)
