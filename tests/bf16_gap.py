@@ -15,6 +15,10 @@ log p_scorer| of the sampled token, the mean |sum over a response| of that diffe
 KL(sampler || scorer) per token, the sum over the vocabulary. It also scores the bf16 states with a bf16
 LM head, the part of the gap that token_logprobs' fp32 head removes. A bf16 model here is the fp32
 checkpoint cast, as FSDP's compute is (its fp32 master weights aside).
+
+Last, the KL that `ppo.py --frozen-dtype bfloat16` starts from: the fp32 policy's samples scored by it and by
+the same weights in bf16 (the frozen reference), k1 summed over each response. It is PPO's KL at step 0,
+which is exactly 0 when the reference has the policy's dtype.
 """
 import argparse
 import json
@@ -58,6 +62,18 @@ def gap(model, tok, prompts, temperature: float, new_tokens: int, seed: int) -> 
             "bf16_head_mean_abs_token": head_d.abs().mean().item()}
 
 
+def frozen_gap(policy, ref, tok, prompts, temperature: float, new_tokens: int, seed: int) -> dict:
+    """KL(π‖π_ref) as ppo.py logs it before any update (k1 per response), with the reference's weights in
+    another dtype: the policy samples and both score, as in ppo.py's steps 1 and 3."""
+    prompt, prompt_mask = salsa.pad(prompts, tok.pad_token_id)
+    torch.manual_seed(seed)
+    seq, mask, resp_mask, _ = ppo.rollout(policy, prompt, prompt_mask, salsa.generation_config(tok, temperature, new_tokens), False)
+    with torch.no_grad():
+        logp, ref_logp = (ppo.response_logprobs(m, seq, mask, prompt.shape[1], temperature)[0] for m in (policy, ref))
+    kl = ppo.kl_per_token(logp, ref_logp, "k1", resp_mask).sum(-1)  # (B,) nats per response
+    return {"tokens": int(resp_mask.sum()), "kl_mean": kl.mean().item(), "kl_min": kl.min().item(), "kl_max": kl.max().item()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
@@ -77,6 +93,11 @@ def main():
               f"max {r['max_abs_token']:.4f}; per response (summed): mean {r['mean_abs_sequence']:.3f}; "
               f"KL(sampler || scorer) {r['kl_per_token']:.2e} nats/token; a bf16 LM head on the same states would be "
               f"off the fp32 one by {r['bf16_head_mean_abs_token']:.4f} per token", flush=True)
+    policy = salsa.load_model(a.model, tok).eval()
+    r = frozen_gap(policy, salsa.load_model(a.model, tok, dtype="bfloat16").eval(), tok, prompts, a.temperature,
+                   a.new_tokens, a.seed)
+    print(f"--frozen-dtype bfloat16: KL(policy || reference) at step 0, k1 per response over {r['tokens']} tokens: "
+          f"mean {r['kl_mean']:+.3f} nats, from {r['kl_min']:+.3f} to {r['kl_max']:+.3f} (0 with the policy's dtype)")
 
 
 if __name__ == "__main__":

@@ -128,6 +128,19 @@ def test_bf16_gap_measures_sampler_against_scorer(setup, tok):
     assert bf16["mean_abs_token"] > 1e-4 and bf16["mean_abs_token"] > 100 * fp32["mean_abs_token"]
 
 
+def test_frozen_gap_is_zero_only_for_a_reference_of_the_policys_dtype(setup, tok):
+    """bf16_gap.frozen_gap (the README's step-0 KL of --frozen-dtype bfloat16): exactly 0 against an fp32
+    copy of the policy, not 0 against a bf16 one."""
+    from bf16_gap import frozen_gap
+    prompts = [salsa.prompt_ids(tok, p) for p in PROMPTS[:3]]
+    policy = salsa.load_model(setup["a"], tok)
+    same = frozen_gap(policy, salsa.load_model(setup["a"], tok), tok, prompts, 0.7, 8, seed=0)
+    bf16 = frozen_gap(policy, salsa.load_model(setup["a"], tok, dtype="bfloat16"), tok, prompts, 0.7, 8, seed=0)
+    assert same["tokens"] == bf16["tokens"] > 0
+    assert same["kl_min"] == same["kl_max"] == 0
+    assert bf16["kl_max"] - bf16["kl_min"] > 1e-3
+
+
 def test_saved_policy_answers_greedily_whatever_the_seed(setup, tok):
     """A PPO policy saved after its rollouts (temperature 0.7) answers eval.py at --temperature 0 the
     same way under every seed: greedy is greedy, no sampling setting travels with the checkpoint."""
