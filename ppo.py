@@ -103,7 +103,7 @@ class Args:
                                    "updates bf16 weights: no fp32 master copy, and at lr 2e-6 most updates round away")
     frozen_dtype: Literal["", "float32", "bfloat16", "float16"] = salsa.arg(
         "", "weights dtype of the frozen reference(s) and reward model (empty: --dtype); bfloat16 halves their "
-        "memory, their heads still run in fp32, and the KL at step 0 is rounding noise (±0.5 nats), not 0")
+        "memory, their heads still run in fp32, and the KL at step 0 is rounding noise, not 0 (README)")
     attn: str = salsa.arg("sdpa", "attention implementation (sdpa, eager, flash_attention_2)")
     allow_pickle: bool = salsa.arg(False, "load models whose weights are only a pickle (pytorch_model.bin runs code)")
 
