@@ -352,16 +352,16 @@ def main(args: Args):
     check_args(args)
     gold = salsa.py_function(args.gold.removeprefix("py:")) if args.gold else None  # before any output
     dist = salsa.setup_dist(args.seed)
-    ckpt_dir = salsa.prepare_out(args.out, args.resume)
-    log = f"{ckpt_dir}/metrics.jsonl"
-    tok = salsa.load_tokenizer(args.model)
-    prompts = load_prompts(args, tok, dist)
     local_batch = args.batch_size // dist.world  # derived sizes, checked to divide evenly
     mb_rows = local_batch // args.minibatches  # rows of one minibatch on this rank
     if args.batch_size % dist.world or local_batch % args.minibatches or mb_rows % min(args.micro_batch, mb_rows):
         raise salsa.InputError(f"--batch-size {args.batch_size} must split evenly over {dist.world} ranks, then "
                                f"into --minibatches {args.minibatches}, then into --micro-batch {args.micro_batch} rows")
+    tok = salsa.load_tokenizer(args.model)
+    prompts = load_prompts(args, tok, dist)
     steps = args.steps or len(prompts) // args.batch_size
+    ckpt_dir = salsa.prepare_out(args.out, args.resume)  # after every check on the flags and data: a bad one writes nothing
+    log = f"{ckpt_dir}/metrics.jsonl"
 
     kw = dict(dtype=args.dtype, attn=args.attn, device=dist.device, dist=dist)
     flags = {k: v for k, v in vars(args).items() if k not in ("resume", "out")}  # defaults filled in by check_args

@@ -205,8 +205,13 @@ def test_kl_is_zero_for_sft_and_positive_for_soup_and_mkl_is_the_mean(setup):
 
 
 def test_bad_arguments_stop_before_any_output(setup, tmp_path):
-    """Each bad flag or model is one InputError naming it, and leaves nothing behind (no OUT, no OUT.ckpt)."""
+    """Each bad flag, model or data file is one InputError naming it, and leaves nothing behind (no OUT, no
+    OUT.ckpt), nor deletes the log of an earlier run that died before its first checkpoint (a fresh start does)."""
     a, b = setup["a"], setup["b"]
+    died = tmp_path / "out.ckpt"
+    died.mkdir()
+    (died / "metrics.jsonl").write_text('{"step": 1}\n')
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Hi"}, {"messages": "Hi"}])
     other = tmp_path / "other-vocab"  # a reference whose token ids mean other words than the policy's
     shutil.copytree(b, other)
     t = json.loads((other / "tokenizer.json").read_text())
@@ -219,11 +224,14 @@ def test_bad_arguments_stop_before_any_output(setup, tmp_path):
              (["--ref", "sft", "--model", a, "--temperature", 0], "--temperature 0.0: PPO samples"),
              (["--ref", "sft", "--model", a, "--temperature", -0.7], "--temperature -0.7: PPO samples"),
              (["--ref", "sft", "--model", a, "--batch-size", 1], "--batch-size must be 2 or more"),
-             (["--ref", "sft", "--model", a, "--batch-size", 3], "--batch-size 3 must split evenly")]  # after loading
+             (["--ref", "sft", "--model", a, "--batch-size", 3], "--batch-size 3 must split evenly"),
+             (["--ref", "sft", "--model", a, "--batch-size", 64], "usable prompts, fewer than --batch-size 64"),
+             (["--ref", "sft", "--model", a, "--data", bad], "bad.jsonl line 2: ")]
     for flags, message in cases:
         with pytest.raises(salsa.InputError, match=message):
             ppo.main(salsa.parse_args(ppo.Args, list(map(str, ppo_args(setup, tmp_path / "out", *flags)))))
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["other-vocab"], flags
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "other-vocab", "out.ckpt"], flags
+        assert os.listdir(died) == ["metrics.jsonl"] and (died / "metrics.jsonl").read_text() == '{"step": 1}\n', flags
     p = run("ppo.py", *ppo_args(setup, tmp_path / "out", "--ref", "soup", "--soup-models", a), check=False)
     assert p.returncode == 2 and p.stderr.splitlines()[-1].startswith("error: --ref soup needs --soup-models")
 
