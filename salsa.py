@@ -1042,7 +1042,7 @@ SENTENCES = ["{T} can make an ordinary day better.", "Many people have a story a
              "{T} can bring people together.", "A small detail about {t} can be surprising.",
              "Some say {t} should be enjoyed slowly.", "Writers have praised {t} for centuries."]
 WORDS = ["morning", "quiet", "history", "light", "simple", "journey", "color", "home"]  # to include
-AVOID = ["people", "day", "always", "small", "best", "new"]  # words the sentences above use
+AVOID = ["people", "day", "always", "small", "best", "new"]  # all but "best" are in sentences above
 STARTS = ["Honestly", "Well", "Today", "Indeed", "Surely"]
 ENDINGS = ["that is all", "thank you for reading", "the end", "enough said"]
 # kind: (instruction with one {}, the regex that reads its value back from a prompt)
@@ -1104,8 +1104,9 @@ def task_prompt(rng: random.Random) -> tuple[str, str, dict]:
 
 
 def task_answer(rng: random.Random, topic: str, cons: dict, keep: set) -> str:
-    """An answer written to meet the constraints in `keep` and, where it can, to break the others
-    (a word limit left out of `keep` may still be met: the gold judge labels pairs, not this)."""
+    """An answer written to meet the constraints in `keep` and to break the others, where it can (one with
+    every constraint kept meets them all, which make_task asserts for SFT rows; in a preference pair a cut
+    to a wrong number of bullets can also drop an included word: the gold judge labels pairs, not `keep`)."""
     sents = [s.format(t=topic, T=topic[0].upper() + topic[1:]) for s in rng.sample(SENTENCES, len(SENTENCES))]
     for k in ("include", "avoid"):
         if k in cons:
@@ -1115,9 +1116,12 @@ def task_answer(rng: random.Random, topic: str, cons: dict, keep: set) -> str:
                 sents.insert(rng.randint(0, 1), f"It makes me think of {cons[k]}.")
     if "bullets" in cons:  # bullets never come with max_words (task_prompt)
         n = int(cons["bullets"]) + (0 if "bullets" in keep else rng.choice([-1, 1]))
-    elif "max_words" in keep:  # as many sentences as fit, with room for a start word and an ending
-        n = 3
-        while n > 1 and len(" ".join(sents[:n]).split()) + 5 > int(cons["max_words"]):
+    elif "max_words" in keep:  # as many sentences as fit, with room for a start word and an ending; an answer
+        n = 3  # that keeps every constraint (SFT's) is never cut before the word to include (that sentence and the
+        # longest, 16 words, fit in 20 with either). Only there: wider, it would change the study's committed data
+        must = f"It makes me think of {cons.get('include')}." if keep == set(cons) else None
+        low = 1 + sents.index(must) if must in sents else 1
+        while n > low and len(" ".join(sents[:n]).split()) + 5 > int(cons["max_words"]):
             n -= 1
     else:
         n = len(sents) if "max_words" in cons else rng.randint(2, 3)
