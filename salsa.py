@@ -980,6 +980,8 @@ def read_jsonl(path: str) -> list[dict]:
             rows += [json.loads(line)] if line.strip() else []
         except ValueError as e:
             raise InputError(f"{path} line {i}: not JSON ({e}): fix or delete that line") from None
+        if rows and not isinstance(rows[-1], dict):  # valid JSON, but `42` or a list is no row either
+            raise InputError(f"{path} line {i}: a JSON {type(rows[-1]).__name__}, not an object: fix or delete that line")
     return rows
 
 
