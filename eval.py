@@ -57,7 +57,7 @@ class Args:
     reward: str = salsa.arg("", "analyses: reward model dir written by reward.py")
     models: list[str] = salsa.arg([], "alpha-line: two SFT models; plane: three, fine-tuned from one base (§4.2)")
     alphas: list[float] = salsa.arg([i / 10 for i in range(11)], "alpha-line: weights of the second model (Fig. 2a/b)")
-    grid: int = salsa.arg(7, "plane: grid points per side of the square around the triangle (Fig. 2c)", low=2)
+    grid: int = salsa.arg(7, "plane: grid points along each side of the rectangle around the triangle (Fig. 2c)", low=2)
     margin: float = salsa.arg(0.25, "plane: how far the grid reaches past the triangle, in side lengths across and "
                                     "heights up (0.25 with --grid 7: the three models are grid points)")
     batch_size: int = salsa.arg(8, "prompts per generate / reward-model forward", low=1)
@@ -70,8 +70,8 @@ class Args:
     judge_key_env: str = salsa.arg("OPENAI_API_KEY", "api: environment variable holding the key (never logged)")
     judge_prompts: str = salsa.arg("data/judge_prompts.jsonl", "FastChat's judge prompts (pair-v2, pair-v2-multi-turn)")
     dataset: str = salsa.arg("", "judge: dataset name in the table (default: the question file's folder)")
-    cache: str = salsa.arg("runs/eval/judge_cache.jsonl", "api: every judgment appended as it arrives; reruns "
-                                                        "with the same --judge-url and --judge-model reuse it")
+    cache: str = salsa.arg("runs/eval/judge_cache.jsonl", "api: every reply with a verdict appended as it arrives; "
+                                                        "reruns with the same --judge-url and --judge-model reuse it")
     concurrency: int = salsa.arg(8, "api: requests in flight", low=1)
     retries: int = salsa.arg(6, "api: retries on 429, 5xx and timeouts (the openai client's, with backoff and "
                                 "Retry-After), and on replies with no verdict", low=0)
@@ -125,7 +125,7 @@ def prompt_ids(tok, prompt, max_len: int, where: str) -> list[int]:
 
 def generate(model, tok, prompts: list[list[int]], args: Args, cut: list | None = None) -> list[list[int]]:
     """Answer token ids, up to (without) the first EOS; batched with left padding, KV cache on. Appends to
-    `cut`, if given, one True for each answer that ran to --max-new-tokens without an EOS."""
+    `cut`, if given, one bool per answer: whether it ran to --max-new-tokens without an EOS."""
     cfg, eos = salsa.generation_config(tok, args.temperature, args.max_new_tokens), tok.eos_token_id
     out = salsa.generate(model, tok, prompts, cfg, args.batch_size)
     if cut is not None:
@@ -312,7 +312,8 @@ def judge_api(args: Args, games: dict) -> dict:
 
 def local_scores(args: Args, runs: dict, units: list) -> dict:
     """{model_id: score of each unit's answer} from a reward model (rm:DIR) or a Python function
-    (py:module:function of (question, answer)). A local judge is blind to the order of a pair."""
+    (py:module:function of (prompt, answer), the prompt a turn-1 question or, for later turns, the messages
+    so far as `conversation` builds them). A local judge is blind to the order of a pair."""
     flat = [(ans, qid, turns, k) for ans in runs.values() for qid, turns, k in units]
     prompts, answers = [conversation(t, ans[qid], k) for ans, qid, t, k in flat], [ans[q][k] for ans, q, _, k in flat]
     kind, _, spec = args.judge.partition(":")

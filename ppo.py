@@ -60,7 +60,8 @@ class Args:
     data: str = salsa.arg("HuggingFaceH4/ultrafeedback_binarized", "prompts: hub name or local json/jsonl/parquet")
     split: str = salsa.arg("train_prefs", "dataset split of --data")
     out: str = salsa.arg("runs/salsa", "output dir of the final policy (+ its critic); must not exist")
-    init_kl_coef: float = salsa.arg(-1.0, "initial β; <0: the paper's 0.2 for sft/mkl and 0.01 for soup (App. A.3)")
+    init_kl_coef: float = salsa.arg(-1.0, "initial β; <0: App. A.3's 0.2 for sft and 0.01 for soup, and for mkl "
+                                          "(none given) sft's")
     adaptive_kl: bool = salsa.arg(True, "Ziegler et al. 2019 adaptive β (App. A.3 says 'initial' β)")
     target_kl: float = salsa.arg(6.0, "adaptive controller's target KL, nats per sequence")
     kl_horizon: int = salsa.arg(10000, "adaptive controller's horizon, in sequences (batch 8: β moves at most "
@@ -88,7 +89,7 @@ class Args:
     cliprange: float = salsa.arg(0.2, "policy ratio clip ε (Schulman 2017 eq. 7)")
     cliprange_value: float = salsa.arg(0.2, "value clip around the rollout's values")
     vf_coef: float = salsa.arg(0.1, "value loss coefficient")
-    whiten_rewards: bool = salsa.arg(False, "whiten per-token rewards before GAE")
+    whiten_rewards: bool = salsa.arg(False, "scale per-token rewards to unit variance before GAE (mean kept)")
     max_grad_norm: float = salsa.arg(1.0, "gradient clipping (0: none; TRL's PPO never applies it)", low=0)
     kl_init: bool = salsa.arg(True, "also log KL(π‖π_init) to the policy's starting SFT model, comparable across "
                                     "references (--ref soup loads that model: one more frozen forward a step)")
@@ -193,7 +194,8 @@ def moments(x, mask, dist=salsa.Dist()):
 
 
 def whiten(x, mask, shift_mean=True, dist=salsa.Dist()):
-    """Zero mean, unit variance over the real tokens of every rank's batch (check_args makes it 2 or more)."""
+    """Unit variance over the real tokens of every rank's batch (check_args makes them 2 or more), and zero
+    mean unless `shift_mean` is False: then the mean is added back (--whiten-rewards, as TRL's whiten_rewards)."""
     n, mean, var = moments(x, mask, dist)
     if n < 2:
         raise ValueError(f"whitening needs 2 or more tokens to estimate a variance, got {int(n)}")

@@ -1,10 +1,10 @@
 """Reward model: Bradley-Terry on preference pairs (SALSA eq. 1), then a normalisation bias and gain.
 
-    python reward.py --model models/SmolLM2-135M-Instruct --out runs/reward
-    torchrun --nproc_per_node 8 reward.py --model runs/sft-0 --out runs/reward
+    python reward.py --model runs/sft-seed1 --out runs/rm
+    torchrun --nproc_per_node 8 reward.py --model runs/sft-seed1 --out runs/rm
 
 The model is a standard AutoModelForSequenceClassification (num_labels=1): the SFT backbone and a new
-bias-free scalar head ~ N(0, 1/sqrt(d+1)) (Stiennon et al. 2020: rewards start at about unit scale),
+bias-free scalar head of standard deviation 1/sqrt(d+1) (Stiennon et al. 2020: rewards start at about unit scale),
 read by salsa.reward_scores at the EOS closing the response. Each side of a pair is tokenised as what
 PPO scores: prompt_ids(prompt) + response + EOS. The normalisation is stored in config.json as
 `reward_bias` and `reward_gain`, so one directory holds everything: the mean and 1/std of the raw
@@ -63,7 +63,8 @@ class Args:
     dtype: salsa.DType = salsa.arg("float32", "weights and AdamW state dtype")
     attn: str = salsa.arg("sdpa", "attention implementation (sdpa, eager, flash_attention_2)")
     allow_pickle: bool = salsa.arg(False, "load a --model whose weights are only a pickle (pytorch_model.bin runs code)")
-    out: str = salsa.arg("runs/reward", "output directory (must not exist); checkpoints and metrics.jsonl go to OUT.ckpt")
+    out: str = salsa.arg("runs/rm", "output directory (must not exist; ppo.py's default --reward); checkpoints and "
+                                    "metrics.jsonl go to OUT.ckpt")
 
 
 def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:

@@ -126,7 +126,8 @@ def parse_args(cls, argv=None):
 
 
 def py_function(spec: str):
-    """The function `module:function` (a judge: (question, answer) -> score), importable from the working directory."""
+    """The function `module:function` (a judge: (prompt, answer) -> score, the prompt a str or messages),
+    importable from the working directory."""
     module, _, name = spec.partition(":")
     sys.path.insert(0, os.getcwd())
     try:
@@ -277,8 +278,8 @@ def reshard(model):
 
 
 def full_state_dict(model, dist: Dist) -> dict:
-    """The whole state dict on rank 0's CPU (other ranks: empty), a tied weight under its first name
-    only, as save_pretrained writes it."""
+    """The whole state dict, a tied weight under its first name only, as save_pretrained writes it: under
+    FSDP on rank 0's CPU (other ranks: empty), in one process the model's own tensors, where they are."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     if dist.sharded:
@@ -666,7 +667,7 @@ def pad(seqs: list[list[int]], pad_id: int, left: bool = True, device="cpu"):
 
 
 def generation_config(tok, temperature: float, max_new_tokens: int):
-    """Plain temperature sampling (greedy at 0), every sampling field set: PPO scores its samples with
+    """Plain temperature sampling (greedy at 0), every warper set to off: PPO scores its samples with
     temperature-scaled log-probs, which must be the sampling distribution, and greedy must be greedy.
     (load_model blanks each model's own generation_config, which transformers would merge into this.)"""
     from transformers import GenerationConfig
@@ -917,7 +918,7 @@ def prepare_out(out: str, resume: bool) -> str:
 
 
 def rng_state(dist: Dist = Dist()):
-    """This process's generators; under torchrun a list of every rank's (a collective)."""
+    """This process's generators; on 2 or more ranks a list of every rank's (a collective)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "cuda": torch.cuda.get_rng_state(dist.device) if dist.device.type == "cuda" else None}  # its own GPU's
     if dist.world == 1:
@@ -1214,6 +1215,10 @@ class Study(Recipe):
     betas: list[float] = arg([0.01, 0.05, 0.2], "the fixed β of the runs (App. A.3: 0.01 for SALSA, 0.2 for PPO)")
     seeds: list[int] = arg([1, 2], "PPO seeds; one seed gives both methods the same prompts and first rollouts")
     boot: int = arg(2000, "bootstrap resamples (over questions and seeds) of every interval")
+    judge: str = arg("py:salsa:gold_score", "the py:module:function judge that scores every answer and rollout "
+                                            "(an API judge is refused)")
+    ablations: list[str] = arg([], "extra runs at --ablation-beta: mkl (eq. 5), soup3 (SALSA against a 3-SFT soup), "
+                                   "alpha0.25 and alpha0.75 (Fig. 4a); the grid already holds gibberish and kl-hack")
     ablation_beta: float = arg(0.2, "the fixed β of the --ablations runs, for every seed (pick it on the grid's "
                                     "dev half: the committed study's picked 0.05 for PPO and 0.2 for SALSA, and ran its "
                                     "ablations at 0.2)")
@@ -1365,7 +1370,7 @@ def recipe(a: Recipe):
 
 
 def write_results(a: Recipe, R: Path, order: list[str], questions: str, answers: dict, times: dict):
-    """OUT/results.md: the paper's Table 1 layout, per-model numbers, Figs. 2 and 3, stage times."""
+    """OUT/results.md: win rates laid out as the paper's Tables 2-4, per-model numbers, Figs. 2 and 3, stage times."""
     import csv
     wins = {(r["model"], r["opponent"]): r for r in csv.DictReader(open(R / "results" / "wins.csv"))}
     pairs = [("salsa", "ppo"), ("salsa", "sft"), ("ppo", "sft")] + [p for n in order[3:] for p in ((n, "sft"),

@@ -8,7 +8,7 @@
 No torchrun form: a soup is one pass over the weights, bound by the disk. Each tensor is read in chunks
 of rows from every ingredient's (sharded) safetensors and written straight into the output shard, so
 memory stays at a few chunks whatever the model size; config and tokenizer come from the first model.
-`soup_state_dicts` and `load_soup` do the same arithmetic in memory (ppo.py, eval.py's reward plane).
+`soup_state_dicts` and `load_soup` do the same arithmetic in memory (ppo.py, eval.py's alpha line and plane).
 The greedy soup (Wortsman et al. 2022) is ours: the paper uses the uniform one.
 """
 import json
@@ -80,7 +80,7 @@ def read_tensor(file: str, key: str, rows: slice | None = None) -> torch.Tensor:
 
 
 def check_same(specs: list[dict], names: list[str]):
-    """Raise, naming the tensor and both values, unless each spec {tensor: (dtype, shape, value or None if float)}
+    """Raise, naming the model and the tensor, unless each spec {tensor: (dtype, shape, value or None if float)}
     has the first one's tensors, dtypes, shapes and non-float values (those are copied, not averaged)."""
     for spec, name in zip(specs[1:], names[1:]):
         for key in sorted(specs[0].keys() ^ spec.keys()):
@@ -144,8 +144,9 @@ def average(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """sum_i w_i t_i accumulated in fp32 in ingredient order, returned in the inputs' dtype.
 
     Multiply, round, then add, like the obvious `(1-a)*x.float() + a*y.float()`, which this equals bit
-    for bit. mergekit's linear merge instead fuses `acc.addcmul_(t_i, w_i)` and divides by sum(w): it
-    differs from ours by 1 fp32 ulp in many elements at alpha != 0.5 and agrees at uniform weights."""
+    for bit. mergekit's linear merge (merge_methods/linear.py) computes `(w * stack(t)).sum(0) / sum(w)` in
+    the dtype of the tensors it is given: for an fp32 pair the same bits as ours, for a bf16 pair every
+    product and the sum rounded to bf16, where ours rounds once, at the end."""
     acc = weights[0] * tensors[0].float()
     for w, t in zip(weights[1:], tensors[1:]):
         acc += w * t.float()
