@@ -879,8 +879,12 @@ def resume_point(ckpt: str, resume: bool, flags: dict, dist: Dist = Dist()) -> t
 def restore(start: str | None, state: dict | None, model, opt, sched, log: str, dist: Dist = Dist()) -> int:
     """Put a checkpoint's optimizer, scheduler and generators back (under FSDP also the weights of
     `model`, the module `opt` trains) and drop the metrics rows logged after it. Returns the step to go
-    on from: the checkpoint's, or 0 without one."""
+    on from: the checkpoint's, or 0 without one, a fresh start, which deletes the logs of an earlier run
+    that died before its first checkpoint: here, once every input is checked and every model loaded, so
+    a run refused for bad input keeps them."""
     if not state:
+        for path in (log, Path(log).with_name("samples.jsonl")) if dist.main else ():
+            Path(path).unlink(missing_ok=True)
         return 0
     load_optimizer_state(model, opt, state["optimizer"], dist)
     sched.load_state_dict(state["scheduler"])
@@ -911,9 +915,6 @@ def prepare_out(out: str, resume: bool) -> str:
     # torchrun every rank deletes them at once, and a file another rank took is no error
     for stale in [*Path(ckpt).glob(".*.tmp*"), *Path(out).parent.glob(f".{Path(out).name}.tmp*")]:
         shutil.rmtree(stale, ignore_errors=True)
-    if not (resume and latest_checkpoint(ckpt)):  # a fresh start: no log of a run that died before a checkpoint
-        for log in ("metrics.jsonl", "samples.jsonl"):
-            Path(ckpt, log).unlink(missing_ok=True)
     return ckpt
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import ppo
@@ -212,6 +213,11 @@ def test_bad_arguments_stop_before_any_output(setup, tmp_path):
     died.mkdir()
     (died / "metrics.jsonl").write_text('{"step": 1}\n')
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Hi"}, {"messages": "Hi"}])
+    nan = tmp_path / "nan"  # found only when loaded, after every flag and the data are checked
+    shutil.copytree(a, nan)
+    weights = load_file(nan / "model.safetensors")
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, nan / "model.safetensors", metadata={"format": "pt"})
     other = tmp_path / "other-vocab"  # a reference whose token ids mean other words than the policy's
     shutil.copytree(b, other)
     t = json.loads((other / "tokenizer.json").read_text())
@@ -226,11 +232,12 @@ def test_bad_arguments_stop_before_any_output(setup, tmp_path):
              (["--ref", "sft", "--model", a, "--batch-size", 1], "--batch-size must be 2 or more"),
              (["--ref", "sft", "--model", a, "--batch-size", 3], "--batch-size 3 must split evenly"),
              (["--ref", "sft", "--model", a, "--batch-size", 64], "usable prompts, fewer than --batch-size 64"),
-             (["--ref", "sft", "--model", a, "--data", bad], "bad.jsonl line 2: ")]
+             (["--ref", "sft", "--model", a, "--data", bad], "bad.jsonl line 2: "),
+             (["--ref", "sft", "--model", nan], "nan: tensor model.norm.weight holds NaN or inf")]
     for flags, message in cases:
         with pytest.raises(salsa.InputError, match=message):
             ppo.main(salsa.parse_args(ppo.Args, list(map(str, ppo_args(setup, tmp_path / "out", *flags)))))
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "other-vocab", "out.ckpt"], flags
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "nan", "other-vocab", "out.ckpt"], flags
         assert os.listdir(died) == ["metrics.jsonl"] and (died / "metrics.jsonl").read_text() == '{"step": 1}\n', flags
     p = run("ppo.py", *ppo_args(setup, tmp_path / "out", "--ref", "soup", "--soup-models", a), check=False)
     assert p.returncode == 2 and p.stderr.splitlines()[-1].startswith("error: --ref soup needs --soup-models")

@@ -249,11 +249,15 @@ def test_prepare_out(tmp_path, model, tok):
     for d in (Path(ckpt, ".step-00000002.tmp"), tmp_path / ".sft.tmp4242"):
         d.mkdir(parents=True)
         (d / "model.safetensors").write_bytes(b"half")
-    for log in ("metrics.jsonl", "samples.jsonl"):
-        Path(ckpt, log).write_text('{"step": 1}\n')
+    logs = [Path(ckpt, log) for log in ("metrics.jsonl", "samples.jsonl")]
+    for log in logs:
+        log.write_text('{"step": 1}\n')
     (tmp_path / ".other.tmp1").mkdir()  # another run's: not ours to delete
     assert salsa.prepare_out(str(out), resume=True) == ckpt
-    assert list(Path(ckpt).iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp1", "sft.ckpt"]
+    assert sorted(p.name for p in Path(ckpt).iterdir()) == ["metrics.jsonl", "samples.jsonl"]  # the logs wait for:
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp1", "sft.ckpt"]
+    assert salsa.restore(None, None, model, None, None, str(logs[0])) == 0  # a fresh start, its inputs checked
+    assert list(Path(ckpt).iterdir()) == []
 
     done = tmp_path / "done"
     done.mkdir()

@@ -207,6 +207,21 @@ def test_malformed_row_stops_before_any_output(tiny, tmp_path):
     assert list(tmp_path.iterdir()) == [data]
 
 
+def test_a_refused_run_keeps_an_earlier_runs_log(tiny, tmp_path):
+    """A fresh start deletes the log of an earlier run that died before its first checkpoint, but only once
+    its inputs are checked: a run refused for too few rows (found after OUT is checked) keeps it."""
+    data = write_chats(tmp_path / "chats.jsonl")
+    died = tmp_path / "out.ckpt"
+    died.mkdir()
+    (died / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(salsa.InputError, match="fewer than --batch-size 64"):
+        sft.main(salsa.parse_args(sft.Args, flags(tiny, data, tmp_path / "out", "--batch-size", "64")))
+    assert (died / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    run_inline(tiny, data, tmp_path / "out", "--max-steps", "1")  # a fresh start that runs: a log of its own
+    assert [r["step"] for r in salsa.read_jsonl(died / "metrics.jsonl")] == [1]
+    assert "train/loss" in salsa.read_jsonl(died / "metrics.jsonl")[0]
+
+
 def test_chat_jsonl_is_correct_training_data(tok):
     path = ROOT / "data" / "chat.jsonl"
     assert path.stat().st_size <= 150_000
