@@ -55,10 +55,14 @@ class Args:
 # ---------------------------------------------------------------- ingredients
 def read_layout(path: str) -> dict[str, tuple[str, str, list[int]]]:
     """{tensor: (file, safetensors dtype, shape)} of an HF model directory, one file or sharded; refused,
-    naming the file, with no config.json, with truncated or only pickled weights (soup.py reads safetensors)."""
+    naming the file, with no config.json, truncated weights, or no model.safetensors (a soup reads safetensors
+    only, whatever --allow-pickle its caller was given: a pickle must be converted)."""
     from safetensors import safe_open
-    salsa.check_model_dir(path)
+    salsa.check_model_dir(path, allow_pickle=True)  # a pickle is never loaded here: refused below, with what to do
     index = Path(path, "model.safetensors.index.json")
+    if not index.exists() and not Path(path, "model.safetensors").exists():
+        raise salsa.InputError(f"{path}: no model.safetensors, and a soup reads safetensors only: load the model "
+                               "with transformers and save_pretrained it (safetensors by default)")
     names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     layout = {}
     for file in [str(Path(path, name)) for name in names]:

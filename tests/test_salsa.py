@@ -319,6 +319,9 @@ def test_broken_model_directories_are_refused_naming_the_file(tiny, tok, tmp_pat
         with pytest.raises(salsa.InputError, match=message):
             salsa.load_model(str(path), tok)
     assert isinstance(salsa.load_model(str(pickle), tok, allow_pickle=True), torch.nn.Module)  # opted in
+    from soup import read_layout  # soups read safetensors only: no --allow-pickle would help (soup.py has none)
+    with pytest.raises(salsa.InputError, match=r"pickle: no model\.safetensors, and a soup reads safetensors only"):
+        read_layout(str(pickle))
 
 
 def test_a_stage_ends_an_input_error_with_one_line(tiny, tmp_path):
