@@ -344,6 +344,7 @@ def save_policy(path, policy, tok, dist, files=None):
             save_file(part("v_head."), f"{tmp}/value_head.safetensors")
         else:
             policy.critic.save_pretrained(f"{tmp}/critic", safe_serialization=True, state_dict=part("critic."))
+            tok.save_pretrained(f"{tmp}/critic")  # a whole reward-model directory: eval.py --reward and ppo.py take it
         for name, obj in (files or {}).items():
             Path(tmp, name).write_text(json.dumps(obj, indent=1))
     if dist.main:

@@ -202,6 +202,7 @@ def test_kl_is_zero_for_sft_and_positive_for_soup_and_mkl_is_the_mean(setup):
     for n in ("k_sft", "k_soup"):  # the final policy loads with transformers, its critic beside it
         assert isinstance(AutoModelForCausalLM.from_pretrained(d / n), torch.nn.Module)
     assert salsa.load_reward_model(str(d / "k_sft" / "critic")).config.reward_bias == 0.0  # --critic reward
+    salsa.check_vocabularies([str(d / "k_sft"), str(d / "k_sft" / "critic")])  # it has the tokenizer: a --reward
     assert (d / "k_soup" / "value_head.safetensors").exists()  # --critic head
 
 
