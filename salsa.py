@@ -1143,6 +1143,8 @@ def make_task(out: str, n_sft: int, n_prefs: int, n_ppo: int, n_eval: int, seed:
     `prompt`, `chosen`, `rejected`, the side with the higher gold score chosen, ties never written),
     ppo.jsonl and eval.jsonl (`prompt`, `prompt_id`). A prompt text is in one file only, so no
     evaluation prompt is ever trained on."""
+    if Path(out).exists():
+        raise InputError(f"--out {out} exists: give the task a new folder (the recipe's is OUT/data)")
     rng, seen, files = random.Random(seed), set(), {}
     for name, n in [("eval", n_eval), ("sft", n_sft), ("prefs", n_prefs), ("ppo", n_ppo)]:
         rows = []
@@ -1247,7 +1249,7 @@ def recipe(a: Recipe):
     runs: {PPO, SALSA} x fixed β x seed, scored by the gold judge -> OUT/report.md (write_study)."""
     R, here, study = Path(a.out), Path(__file__).resolve().parent, isinstance(a, Study)
     if study and not a.judge.startswith("py:"):
-        sys.exit(f"--judge {a.judge}: the study scores every answer and rollout with a py:module:function judge")
+        raise InputError(f"--judge {a.judge}: the study scores every answer and rollout with a py:module:function judge")
     extra = {"gibberish": ("ppo-beta0.01", ["--ref", "sft", "--init-kl-coef", 0.01]),
              "kl-hack": ("salsa-beta0.2", ["--ref", "soup", "--soup", R / "soup", "--init-kl-coef", 0.2]),
              "mkl": ("mkl", ["--ref", "mkl", "--soup-models", R / "sft-seed1", R / "sft-seed2", "--init-kl-coef", 0.2]),
@@ -1255,16 +1257,16 @@ def recipe(a: Recipe):
              **{f"alpha{x:g}": (f"salsa-alpha{x:g}", ["--ref", "soup", "--soup-models", R / "sft-seed1", R / "sft-seed2",
                                                       "--alpha", x, "--init-kl-coef", 0.01]) for x in (0.25, 0.75)}}
     if study and a.ablations and a.ablation_beta not in a.betas:  # each ablation is compared with SALSA at its β
-        sys.exit(f"--ablation-beta {a.ablation_beta:g}: give one of --betas {' '.join(f'{b:g}' for b in a.betas)}")
+        raise InputError(f"--ablation-beta {a.ablation_beta:g}: give one of --betas {' '.join(f'{b:g}' for b in a.betas)}")
     # gibberish and kl-hack are PPO at β 0.01 and SALSA at β 0.2: a study would run them at --ablation-beta, under
     # a name that says otherwise (ppo-beta0.01-beta0.2), while its grid already has every method at every β
     if study and (grid_runs := [x for x in a.ablations if x in ("gibberish", "kl-hack")]):
-        sys.exit(f"--ablations {' '.join(grid_runs)}: in a study these are runs of the grid (PPO at β 0.01, "
-                 "SALSA at β 0.2): give those β in --betas")
+        raise InputError(f"--ablations {' '.join(grid_runs)}: in a study these are runs of the grid (PPO at β "
+                         "0.01, SALSA at β 0.2): give those β in --betas")
     if a.questions:  # read now, not after every stage has run
         load_questions(a.questions, QUESTIONS_SPLIT)
     if set(a.ablations) - set(extra):
-        sys.exit(f"--ablations {' '.join(a.ablations)}: expected some of {', '.join(extra)}")
+        raise InputError(f"--ablations {' '.join(a.ablations)}: expected some of {', '.join(extra)}")
     R.mkdir(parents=True, exist_ok=True)
     times_file = R / "times.json"
     times = json.loads(times_file.read_text()) if times_file.exists() else {}
@@ -1298,8 +1300,8 @@ def recipe(a: Recipe):
         if out and out.exists():
             # a stage from before stages.json is taken as it is
             if (was := made.setdefault(name, {"flags": flags, "done": 0})["flags"]) != flags:
-                sys.exit(f"[{name}] {out} was made with {differ(was, flags)}: delete it to redo it with these "
-                         "flags, or choose another --out")
+                raise InputError(f"[{name}] {out} was made with {differ(was, flags)}: delete it to redo it with "
+                                 "these flags, or choose another --out")
             print(f"[{name}] skipped: {out} exists")
         else:
             print(f"\n[{name}] $ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
@@ -1541,11 +1543,8 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["convert-gguf"] and len(sys.argv) == 4:
         convert_gguf(sys.argv[2], sys.argv[3])
     elif sys.argv[1:2] == ["task"]:
-        t = parse_args(Recipe, sys.argv[2:])
-        if Path(t.out).exists():
-            sys.exit(f"--out {t.out} exists: give the task a new folder (the recipe's is OUT/data)")
-        make_task(t.out, *t.task_sizes, seed=t.task_seed)
+        run(lambda t: make_task(t.out, *t.task_sizes, seed=t.task_seed), Recipe, sys.argv[2:])
     elif sys.argv[1:2] == ["study"]:
-        recipe(parse_args(Study, sys.argv[2:]))
+        run(recipe, Study, sys.argv[2:])
     else:
-        recipe(parse_args(Recipe, sys.argv[1:]))
+        run(recipe, Recipe, sys.argv[1:])

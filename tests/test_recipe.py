@@ -161,7 +161,7 @@ def test_recipe_end_to_end(toy_recipe):
         assert made[n]["flags"][0] == script and "--resume" in made[n]["flags"], n
     results = (r / "results.md").read_text()
     other = subprocess.run([*cmd, "--ppo-lr", "0.003"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert other.returncode and f"[ppo] {r / 'ppo'} was made with --lr 1e-05 (now 0.003): delete it" in other.stderr
+    assert refused(other, f"[ppo] {r / 'ppo'} was made with --lr 1e-05 (now 0.003): delete it")
     assert (r / "results.md").read_text() == results  # not rewritten under flags its numbers were not made with
     # as told: delete ppo (and the soup); what read them is redone, not skipped, and nothing else
     shutil.rmtree(r / "ppo"), shutil.rmtree(r / "soup")
@@ -222,18 +222,30 @@ def test_full_scale_recipe_shape_under_torchrun(tmp_path, tok):
     assert (r / "results.md").exists()
 
 
+def refused(res, message: str) -> bool:
+    """An input error as every stage ends on one: exit status 2, one `error:` line, no traceback."""
+    return res.returncode == 2 and "Traceback" not in res.stderr and res.stderr.splitlines()[-1].startswith(
+        "error: ") and message in res.stderr
+
+
 def test_recipe_refuses_unknown_ablation_before_any_work(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "salsa.py"), "--out", str(tmp_path / "r"), "--ablations", "mkl",
                           "dpo"], cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert res.returncode != 0 and "expected some of gibberish, kl-hack, mkl, soup3" in res.stderr
+    assert refused(res, "expected some of gibberish, kl-hack, mkl, soup3")
+    res = subprocess.run([sys.executable, str(ROOT / "salsa.py"), "--out", str(tmp_path / "r"), "--questions",
+                          str(tmp_path / "nope.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert refused(res, "nope.jsonl: no such file")  # raised by the recipe itself: it had ended in a traceback
+    res = subprocess.run([sys.executable, str(ROOT / "salsa.py"), "task", "--out", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=180)
+    assert refused(res, f"--out {tmp_path} exists: give the task a new folder")
     # a study's ablation is compared with SALSA at its β: a β off the grid has no SALSA run (its lines vanished)
     res = subprocess.run([sys.executable, str(ROOT / "salsa.py"), "study", "--out", str(tmp_path / "r"), "--ablations",
                           "mkl", "--ablation-beta", "0.3"], cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert res.returncode != 0 and "--ablation-beta 0.3: give one of --betas 0.01 0.05 0.2" in res.stderr
+    assert refused(res, "--ablation-beta 0.3: give one of --betas 0.01 0.05 0.2")
     # the recipe's gibberish and kl-hack are grid runs of a study (they ran at --ablation-beta, misnamed)
     res = subprocess.run([sys.executable, str(ROOT / "salsa.py"), "study", "--out", str(tmp_path / "r"), "--ablations",
                           "mkl", "gibberish"], cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert res.returncode != 0 and "--ablations gibberish: in a study these are runs of the grid" in res.stderr
+    assert refused(res, "--ablations gibberish: in a study these are runs of the grid")
     assert not (tmp_path / "r").exists()
 
 
