@@ -90,23 +90,23 @@ def load_answers(path: str, questions: list[dict]) -> tuple[str, dict]:
     """(model_id, {question id: answer turns}), refused unless every question's every turn is answered."""
     if not Path(path).is_file():
         raise salsa.InputError(f"{path}: no such answers file: make it with `eval.py answer --out {path}` first")
-    rows, answers = salsa.read_jsonl(path), {}
-    for i, r in enumerate(rows, 1):
+    rows, answers = salsa.jsonl_rows(path), {}
+    for where, r in rows:
         try:
             qid, turns = str(r["question_id"]), r["choices"][0]["turns"]
         except (KeyError, IndexError, TypeError):
             turns = None
         if not (isinstance(turns, list) and all(isinstance(t, str) for t in turns)):
-            raise salsa.InputError(f"{path} row {i}: not a FastChat answer row, "
+            raise salsa.InputError(f"{where}: not a FastChat answer row, "
                                    '{"question_id": ..., "choices": [{"turns": ["...", ...]}]}')
         if qid in answers:
-            raise salsa.InputError(f"{path} row {i}: question {qid} is answered twice: keep one row")
+            raise salsa.InputError(f"{where}: question {qid} is answered twice: keep one row")
         answers[qid] = turns
     for q in questions:
         if len(answers.get(str(q["id"]), [])) < len(q["turns"]):
             raise salsa.InputError(f"{path}: question {q['id']} has no answer to each of its {len(q['turns'])} turns: "
                              "run `eval.py answer` on this question file first")
-    return (rows[0].get("model_id") if rows else None) or Path(path).stem, answers
+    return (rows[0][1].get("model_id") if rows else None) or Path(path).stem, answers
 
 
 def conversation(turns: list[str], answers: list[str], k: int):

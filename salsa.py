@@ -514,15 +514,7 @@ def read_rows(source: str, split: str = "train") -> list[tuple[str, dict]]:
     else "SOURCE row N", counted from 1. A UTF-8 byte-order mark (Windows editors write one) is skipped."""
     if os.path.exists(source):
         if source.endswith(".jsonl"):
-            rows = []
-            with open(source, encoding="utf-8-sig") as fh:
-                for i, line in enumerate(fh, 1):
-                    if line.strip():
-                        try:
-                            rows.append((f"{source} line {i}", json.loads(line)))
-                        except json.JSONDecodeError as e:
-                            raise InputError(f"{source} line {i}: not valid JSON ({e})") from None
-            return check_objects(rows)
+            return jsonl_rows(source)
         if source.endswith(".json"):
             try:
                 rows = json.loads(Path(source).read_text(encoding="utf-8-sig"))
@@ -542,6 +534,20 @@ def read_rows(source: str, split: str = "train") -> list[tuple[str, dict]]:
         rows = list(datasets.load_dataset(source, split=split))
         source = f"{source}[{split}]"
     return check_objects([(f"{source} row {i}", row) for i, row in enumerate(rows, 1)])
+
+
+def jsonl_rows(path: str) -> list[tuple[str, dict]]:
+    """(where, row) of a JSON-lines file, where = "FILE line N"; blank lines and a byte-order mark are skipped, and
+    a line that is not JSON, or not a JSON object, is refused, naming it. Data, answers and logs alike."""
+    rows = []
+    with open(path, encoding="utf-8-sig") as fh:
+        for i, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rows.append((f"{path} line {i}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path} line {i}: not JSON ({e}): fix or delete that line") from None
+    return check_objects(rows)
 
 
 def check_objects(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
@@ -975,16 +981,8 @@ def truncate_log(path: str, step: int):
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """The rows of a JSON-lines file; a line that is not a JSON object is refused, naming the file and line."""
-    rows = []
-    for i, line in enumerate(open(path), 1):
-        try:
-            rows += [json.loads(line)] if line.strip() else []
-        except ValueError as e:
-            raise InputError(f"{path} line {i}: not JSON ({e}): fix or delete that line") from None
-        if rows and not isinstance(rows[-1], dict):  # valid JSON, but `42` or a list is no row either
-            raise InputError(f"{path} line {i}: a JSON {type(rows[-1]).__name__}, not an object: fix or delete that line")
-    return rows
+    """The rows of a JSON-lines file, checked as jsonl_rows checks them."""
+    return [row for _, row in jsonl_rows(path)]
 
 
 # ---------------------------------------------------------------- reward models

@@ -563,12 +563,23 @@ def test_a_missing_answers_file_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("rows, message", [
-    ([{"question_id": 1, "model_id": "m"}], "row 1: not a FastChat answer row"),
-    ([{"question_id": 1, "choices": [{"turns": "Hi"}]}], "row 1: not a FastChat answer row"),  # a str, not turns
+    ([{"question_id": 1, "model_id": "m"}], "line 1: not a FastChat answer row"),
+    ([{"question_id": 1, "choices": [{"turns": "Hi"}]}], "line 1: not a FastChat answer row"),  # a str, not turns
     ([{"question_id": 1, "choices": [{"turns": ["Hi"]}]}, {"question_id": "1", "choices": [{"turns": ["Yo"]}]}],
-     "row 2: question 1 is answered twice: keep one row"),
+     "line 2: question 1 is answered twice: keep one row"),
 ], ids=["no choices", "turns not a list", "answered twice"])
 def test_a_bad_answers_row_is_named(tmp_path, rows, message):
     path = write_jsonl(tmp_path / "a.jsonl", rows)
     with pytest.raises(salsa.InputError, match=f"^{path} {message}"):
         ev.load_answers(path, [])
+
+
+def test_an_answers_file_is_read_as_a_data_file_is(tmp_path):
+    """Rows named by their line, a blank line counted (they were numbered without it), and a byte-order mark
+    skipped (it was refused as not JSON), as the README says of every jsonl file."""
+    path, good = tmp_path / "a.jsonl", json.dumps({"question_id": 1, "choices": [{"turns": ["Hi"]}]})
+    path.write_text("\ufeff" + good + "\n\n" + json.dumps({"question_id": 2}) + "\n", encoding="utf-8")
+    with pytest.raises(salsa.InputError, match=f"^{path} line 3: not a FastChat answer row"):
+        ev.load_answers(str(path), [])
+    path.write_text("\ufeff" + good + "\n", encoding="utf-8")
+    assert ev.load_answers(str(path), [{"id": 1, "turns": ["q"]}]) == ("a", {"1": ["Hi"]})
