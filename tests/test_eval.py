@@ -391,6 +391,25 @@ def lab(tmp_path_factory, tok):
     return d, models, str(d / "rm"), write_jsonl(d / "question.jsonl", MT_BENCH)
 
 
+def test_the_second_turn_is_asked_after_the_models_first_answer(lab, tok, monkeypatch, tmp_path):
+    """In answer() itself, not only in `conversation`: the prompt of MT-Bench's turn 2 holds turn 1, then the
+    model's own answer to it, then turn 2 (each prompt generate receives is decoded here)."""
+    d, models, _, qs = lab
+    seen = []
+
+    def fake_generate(model, tok_, prompts, args, cut=None):
+        cut += [False] * len(prompts)
+        seen.extend(tok.decode(p) for p in prompts)
+        return [tok.encode(f" reply {len(seen) - len(prompts) + i}", add_special_tokens=False) for i in range(len(prompts))]
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    ev.answer(salsa.parse_args(ev.Args, ["--model", models[0], "--questions", qs, "--out", str(tmp_path / "a.jsonl")]))
+    rows = {r["question_id"]: r["choices"][0]["turns"] for r in salsa.read_jsonl(tmp_path / "a.jsonl")}
+    for q in MT_BENCH:
+        first = rows[q["question_id"]][0]
+        asked = [p for p in seen if q["turns"][0] in p and q["turns"][1] in p]  # turn 2's prompt
+        assert len(asked) == 1 and asked[0].index(q["turns"][0]) < asked[0].index(first) < asked[0].index(q["turns"][1])
+
+
 def test_answers_format_second_turn_and_resume(lab, tok, capsys):
     d, models, _, qs = lab
     out = d / "answers" / "sft0.jsonl"
@@ -505,8 +524,21 @@ def test_the_plane_at_its_defaults_holds_the_three_models(tmp_path, monkeypatch)
     monkeypatch.setattr(salsa, "plot", lambda png, draw: None)
     ev.plane(salsa.parse_args(ev.Args, ["--models", "a", "b", "c", "--questions", "q", "--out", str(tmp_path / "p")]))
     assert len(seen) == 49 and all(sum(w) == pytest.approx(1, abs=1e-12) for w in seen)
-    for corner in ([1, 0, 0], [0, 1, 0], [0, 0, 1]):
-        assert any(w == pytest.approx(corner, abs=1e-12) for w in seen), corner
+    rows = list(csv.DictReader(open(tmp_path / "p" / "plane.csv")))
+    for x, y, corner in ((0, 0, [1, 0, 0]), (1, 0, [0, 1, 0]), (0.5, 3**0.5 / 2, [0, 0, 1])):  # where draw() names a, b, c
+        at = [r for r in rows if abs(float(r["x"]) - x) < 1e-9 and abs(float(r["y"]) - y) < 1e-9]
+        assert len(at) == 1 and [float(at[0][w]) for w in ("w1", "w2", "w3")] == pytest.approx(corner, abs=1e-12)
+
+
+def test_the_alpha_line_starts_at_the_reference(tmp_path, monkeypatch):
+    """Eq. 3: α = 0 is the first model (the reference), α = 1 the second, and the CSV's α is the soup's."""
+    seen = []
+    monkeypatch.setattr(ev, "soup_rewards", lambda args, weights: seen.extend(weights) or [([0.0, 1.0], None)] * len(weights))
+    monkeypatch.setattr(salsa, "plot", lambda png, draw: None)
+    ev.alpha_line(salsa.parse_args(ev.Args, ["--models", "ref", "other", "--alphas", "0", "0.25", "1", "--questions", "q",
+                                             "--out", str(tmp_path / "line")]))
+    assert seen == [[1, 0], [0.75, 0.25], [0, 1]]
+    assert [float(r["alpha"]) for r in csv.DictReader(open(tmp_path / "line" / "alpha_line.csv"))] == [0, 0.25, 1]
 
 
 def test_an_analysis_that_fails_while_plotting_leaves_no_folder(lab, monkeypatch):

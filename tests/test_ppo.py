@@ -183,7 +183,7 @@ def test_kl_is_zero_for_sft_and_positive_for_soup_and_mkl_is_the_mean(setup):
     # the loss is a token mean over the whole minibatch however it is split: the same gradient
     assert other4["ppo/grad_norm_last"] == pytest.approx(other["ppo/grad_norm_last"], rel=1e-4)
     # the same rollouts (one seed) and reward model: --missing-eos-penalty 5 against 1 takes 4 more from each
-    # response that did not stop, and nothing from one that did
+    # response that did not stop (here every one: a stopped one is spared in the test after this one)
     assert sft["objective/no_eos_frac"] == soup["objective/no_eos_frac"] > 0
     assert soup["objective/score"] == pytest.approx(sft["objective/score"] - 4 * sft["objective/no_eos_frac"], abs=1e-5)
     # KL to init: 0 while π = π_init (step 1) whatever the reference, then the k1 estimate of the policy's drift
@@ -195,6 +195,7 @@ def test_kl_is_zero_for_sft_and_positive_for_soup_and_mkl_is_the_mean(setup):
     assert len(judged) == 8 and {j["prompt"] for j in judged} <= set(PROMPTS)
     samples = salsa.read_jsonl(f"{d / 'k_sft'}.ckpt/samples.jsonl")  # step 1's 4 rollouts, in batch order
     assert [j["response"] for j in judged[:4]] == [s["response"].strip() for s in samples]
+    assert all(j["prompt"] in s["prompt"] for j, s in zip(judged[:4], samples))  # each with its own prompt
     assert sft["objective/gold"] == pytest.approx(sum(len(j["response"].split()) for j in judged[:4]) / 4)
     assert sft["objective/response_len"] == soup["objective/response_len"]  # same seed, same samples
     # eq. 5: 1/2·KL(π‖π_a) + 1/2·KL(π‖π_b), and KL(π‖π_a) = 0 at step 0 since π = π_a
@@ -204,6 +205,28 @@ def test_kl_is_zero_for_sft_and_positive_for_soup_and_mkl_is_the_mean(setup):
     assert salsa.load_reward_model(str(d / "k_sft" / "critic")).config.reward_bias == 0.0  # --critic reward
     salsa.check_vocabularies([str(d / "k_sft"), str(d / "k_sft" / "critic")])  # it has the tokenizer: a --reward
     assert (d / "k_soup" / "value_head.safetensors").exists()  # --critic head
+
+
+def test_the_missing_eos_penalty_spares_responses_that_stop(setup, tmp_path, monkeypatch):
+    """--missing-eos-penalty comes off each response with no EOS and nothing off one that stopped. The tiny
+    models never stop by themselves, so two rollouts of each batch are made to (their second token an EOS)."""
+    real = ppo.rollout
+
+    def two_stop(model, prompt, prompt_mask, cfg, synced):
+        seq, P = real(model, prompt, prompt_mask, cfg, synced)[0], prompt.shape[1]
+        seq[:2, P + 1] = cfg.eos_token_id
+        resp_mask, has_eos = ppo.response_mask(seq[:, P:], cfg.eos_token_id)
+        return seq, torch.cat([prompt_mask, resp_mask], 1), resp_mask, has_eos
+    monkeypatch.setattr(ppo, "rollout", two_stop)
+    first = {}
+    for penalty in (1, 5):
+        ppo.main(salsa.parse_args(ppo.Args, list(map(str, ppo_args(setup, tmp_path / f"p{penalty}", "--ref", "sft",
+                                                                   "--model", setup["a"], "--steps", 1,
+                                                                   "--missing-eos-penalty", penalty)))))
+        first[penalty] = first_row(tmp_path / f"p{penalty}")
+    frac = first[1]["objective/no_eos_frac"]
+    assert 0 < frac <= 0.5 and first[5]["objective/no_eos_frac"] == frac
+    assert first[5]["objective/score"] == pytest.approx(first[1]["objective/score"] - 4 * frac, abs=1e-5)
 
 
 def test_bad_arguments_stop_before_any_output(setup, tmp_path):

@@ -249,7 +249,7 @@ def test_recipe_refuses_unknown_ablation_before_any_work(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_study_end_to_end(toy_recipe):
+def test_study_end_to_end(toy_recipe, monkeypatch, tmp_path):
     """`python salsa.py study` with toy sizes in the recipe's folder (its SFT models, soup and reward model
     are reused, as a study after a recipe would): the grid of paired runs and two ablations, report.md with its
     comparison, table, ablations, premise and plots, from what the stages wrote."""
@@ -301,6 +301,35 @@ def test_study_end_to_end(toy_recipe):
             f"same on {sum(x == y for x, y in pairs)} of the {len(pairs)} (question, seed) pairs") in md
     for png in ("frontier.png", "curves.png"):
         assert (s / png).read_bytes()[:4] == b"\x89PNG"
+    check_the_study_picks_and_compares(cmd, s, monkeypatch, tmp_path)
+
+
+def check_the_study_picks_and_compares(cmd, s, monkeypatch, tmp_path):
+    """The toy models all answer '' and tie everywhere, which no β pick or comparison can get wrong: write_study
+    again on answers of known scores (a word-count judge), a different best β per method, by hand."""
+    from test_eval import write_jsonl
+    R = tmp_path / "study"
+    for f in [*s.glob("results/*/*.csv"), *s.glob("*.ckpt/metrics.jsonl"), *s.glob("*.ckpt/samples.jsonl")]:
+        (R / f.relative_to(s)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, R / f.relative_to(s))
+    questions = salsa.read_jsonl(s / "data" / "eval.jsonl")
+    (R / "answers").mkdir()
+    words = {"ppo-beta0.01": 2, "ppo-beta0.2": 5, "salsa-beta0.01": 7, "salsa-beta0.2": 3}  # dev picks 0.2 and 0.01
+    answers = {}
+    for path in (s / "answers").glob("*.jsonl"):
+        n = words.get(path.stem.removesuffix("-seed3"), 1)  # the test half's words: n + (its row's index mod 3)
+        answers[path.stem] = write_jsonl(R / "answers" / path.name, [
+            {"question_id": q["prompt_id"], "choices": [{"turns": [" ".join(["w"] * (n + i % 3 * (i % 2)))]}]}
+            for i, q in enumerate(questions)])
+    monkeypatch.setenv("GOLD_LOG", str(tmp_path / "gold.jsonl"))
+    a = salsa.parse_args(salsa.Study, [*cmd[3:], "--judge", "py:tests.goldprobe:score"])
+    runs = [n for n in answers if n.endswith("-seed3")]
+    salsa.write_study(a, R, runs, str(s / "data" / "eval.jsonl"), answers)
+    md = (R / "report.md").read_text()
+    assert "β chosen on dev: PPO 0.2, SALSA 0.01." in md
+    diff = [(7 + i % 3) - (5 + i % 3) for i in range(len(questions)) if i % 2]  # test rows: SALSA 0.01 − PPO 0.2
+    assert f"- Gold score difference, SALSA − PPO: {sum(diff) / len(diff):.3f} [" in md
+    assert f"SALSA scores higher on {len(diff)}, PPO on 0 and both the same on 0 of the {len(diff)}" in md
 
 
 def test_rank_agreement_by_hand():

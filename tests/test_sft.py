@@ -134,6 +134,17 @@ def test_seeds_change_only_the_order(tiny, tmp_path):
     assert not torch.equal(a["model.embed_tokens.weight"], c["model.embed_tokens.weight"])
 
 
+def test_the_held_out_rows_are_the_same_whatever_the_seed():
+    """Every SFT model of a soup is scored on the same held-out rows and trained on the rest: --seed seeds torch's
+    global generator, which the split must not draw from (then seeds 1 and 2 would train on different rows)."""
+    chats = list(range(40))
+    splits = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        splits.append(sft.hold_out(chats, 0.1))
+    assert splits[0] == splits[1] and len(splits[0][1]) == 4 and sorted(sum(splits[0], [])) == chats
+
+
 def test_micro_batches_weigh_tokens_like_one_batch(tiny, tmp_path):
     data = write_chats(tmp_path / "chats.jsonl")
     one = run_inline(tiny, data, tmp_path / "one", "--micro-batch", "4")
