@@ -278,7 +278,7 @@ def test_long_prompts_are_dropped_and_named(setup, tok, tmp_path, capsys):
     assert f"dropped 1 prompts that write a special token as text (e.g. '<|im_start|>'" in out and f"{data} line 11" in out
 
 
-def test_frozen_models_in_bf16(setup, tok):
+def test_frozen_models_in_bf16(setup, tok, tmp_path, monkeypatch):
     """--frozen-dtype bfloat16 holds the reference(s) and the reward model in bf16 (half their memory);
     their heads still run in fp32 (salsa.token_logprobs, salsa.reward_scores)."""
     args = salsa.parse_args(ppo.Args, ["--ref", "mkl", "--soup-models", setup["a"], setup["b"], "--reward",
@@ -291,6 +291,11 @@ def test_frozen_models_in_bf16(setup, tok):
     ids, mask = salsa.pad([salsa.prompt_ids(tok, "Hi") + [5, 6, tok.eos_token_id]], tok.pad_token_id)
     logp, _, _ = ppo.response_logprobs(refs[0][0], ids, mask, ids.shape[1] - 3, 0.7)
     assert logp.dtype == torch.float32
+    loaded, real = [], salsa.load_reward_model  # the reward model is loaded in main: one step, each load's dtype
+    monkeypatch.setattr(salsa, "load_reward_model", lambda *a, **k: loaded.append(m := real(*a, **k)) or m)
+    ppo.main(salsa.parse_args(ppo.Args, list(map(str, ppo_args(setup, tmp_path / "bf16", "--ref", "sft", "--model",
+                                                               setup["a"], "--steps", 1, "--frozen-dtype", "bfloat16")))))
+    assert [m.dtype for m in loaded] == [torch.float32, torch.bfloat16]  # the trained critic, the frozen reward model
 
 
 def test_resume_after_kill_gives_identical_metrics(setup):
