@@ -438,12 +438,6 @@ def write_csv(path: Path, rows: list[dict]):
         w.writerows(rows)
 
 
-def check_new(out: str):
-    """alpha-line and plane write a new folder, refused before their soups are computed if it exists."""
-    if Path(out).exists():
-        raise salsa.InputError(f"{out} already exists: choose another --out or delete it")
-
-
 def write_figure(out: str, name: str, rows: list[dict], draw, replace: bool = False):
     """OUT/name.csv and OUT/name.png, written together (salsa.save_atomic): the recipe skips an analysis
     whose folder exists, so a crash or a Ctrl-C while plotting must leave no folder holding the CSV alone
@@ -461,7 +455,7 @@ def say_wrote(out: str, name: str):
 def alpha_line(args: Args):
     if len(args.models) != 2:
         raise salsa.InputError("alpha-line needs --models REF OTHER (soup = (1 - alpha) REF + alpha OTHER, eq. 3)")
-    check_new(args.out)
+    salsa.check_new(args.out)  # before the soups are computed: alpha-line writes a new folder
     rows = [{"alpha": a, **reward_stats(x), "n": len(x), **({"mean_gold": sum(g) / len(g)} if g else {})}
             for a, (x, g) in zip(args.alphas, soup_rewards(args, [[1 - a, a] for a in args.alphas]))]
 
@@ -481,7 +475,7 @@ def plane(args: Args):
     barycentric coordinates as weights, negative outside the triangle."""
     if len(args.models) != 3:
         raise salsa.InputError("plane needs --models A B C: three SFT models of one base")
-    check_new(args.out)
+    salsa.check_new(args.out)
     h = 3**0.5 / 2
     xs = torch.linspace(-args.margin, 1 + args.margin, args.grid, dtype=torch.float64).tolist()
     # the same margin in heights up as in side lengths across: where x's grid holds 0, 1/2 and 1, y's holds 0

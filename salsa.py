@@ -908,12 +908,17 @@ def trainer_state(model, opt, sched, step: int, dist: Dist = Dist(), **extra) ->
             "rng": rng_state(dist), "world": dist.world, **extra}
 
 
+def check_new(out: str):
+    """Refuse an output that exists, before any work: a failed run overwrites nothing."""
+    if Path(out).exists():
+        raise InputError(f"{out} already exists: choose another --out or delete it")
+
+
 def prepare_out(out: str, resume: bool) -> str:
     """Check `out` before any work: the final model dir must not exist; returns the run's
     checkpoint dir `out.ckpt` (also home of metrics.jsonl), which must hold no checkpoint unless
     resuming. It is made by the first metrics row or checkpoint, so a run that fails before leaves none."""
-    if Path(out).exists():
-        raise InputError(f"{out} already exists: choose another --out or delete it")
+    check_new(out)
     ckpt = f"{out}.ckpt"
     if not resume and latest_checkpoint(ckpt):
         raise InputError(f"{ckpt} holds checkpoints of an earlier run: pass --resume or delete it")
