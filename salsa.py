@@ -797,6 +797,8 @@ def save_atomic(out: str, write, replace: bool = False):
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:  # a crash or Ctrl-C leaves neither `out` nor a half-written temp dir
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():  # replace: the old `out` goes back where it was
+            os.replace(old, out)
         raise
 
 

@@ -741,6 +741,25 @@ def test_a_rank_saves_and_restores_only_its_own_gpus_generator(monkeypatch):
     assert seen == [("get", torch.device("cuda", 2)), ("set", torch.device("cuda", 2))]
 
 
+def test_save_atomic_replace_keeps_the_old_folder_when_the_swap_fails(tmp_path, monkeypatch):
+    """With `replace`, the old folder is moved aside before the new one takes its place: if that second rename
+    fails, the old one goes back, and no temp or aside folder is left."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real, calls = salsa.os.replace, []
+
+    def second_fails(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError("the disk is full")
+        real(src, dst)
+    monkeypatch.setattr(salsa.os, "replace", second_fails)
+    with pytest.raises(OSError, match="the disk is full"):
+        salsa.save_atomic(str(out), lambda tmp: Path(tmp, "new.txt").write_text("new"), replace=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and sorted(p.name for p in out.iterdir()) == ["old.txt"]
+
+
 def test_save_atomic_onto_a_folder_that_appeared_leaves_no_temp(tmp_path):
     """`salsa.py task --out EXISTING` failed at the rename and left its .OUT.tmpPID behind."""
     (tmp_path / "out").mkdir()
